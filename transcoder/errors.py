@@ -89,6 +89,13 @@ class ObjectNotFoundError(StorageError):
     retryable = False
 
 
+class StorageAccessError(StorageError):
+    """The object store refused our credentials or access; retrying cannot help."""
+
+    error_type = "StorageAccessDenied"
+    retryable = False
+
+
 class InsufficientDiskError(TranscoderError):
     """The work directory has not enough free space for the source and its outputs."""
 

@@ -41,11 +41,46 @@ def state_index(state: str) -> str:
     return f"{PREFIX}:state:{state}"
 
 
-def delivery_guard(job_id: str, attempt: int, condition: str) -> str:
-    """Set-once marker so a job completion is delivered to its destinations only once."""
-    return f"{PREFIX}:job:{job_id}:delivered:{attempt}:{condition}"
+def delivery_guard(job_id: str, attempt: int, condition: str, finished_ms: int = 0) -> str:
+    """Set-once marker so a job completion is delivered to its destinations only once.
+
+    `finished_ms` (when the job ended) tells apart two completions with the same attempt count,
+    e.g. a job stopped while queued, retried, and stopped again before it ever ran."""
+    return f"{PREFIX}:job:{job_id}:delivered:{attempt}:{condition}:{finished_ms}"
 
 
 def trigger_seen(event_digest: str) -> str:
     """Marks an object-upload event as already turned into a job (redelivery guard)."""
     return f"{PREFIX}:trigger:{event_digest}"
+
+
+# --- worker service (job store internals) ---------------------------------------------------
+
+#: lock held by the one reaper acting at a time (TTL ≈ the reaper interval)
+REAPER_LOCK = f"{PREFIX}:reaper:lock"
+
+#: the Celery queue transcode messages go to (a broker key, named here for completeness)
+QUEUE = "transcoder"
+
+
+def job_meta(job_id: str) -> str:
+    """Internal hash beside the record: `run` (the current attempt's token), `base_attempts`
+    (attempts when last (re)submitted, so retries are counted per submission) and `event_ms`
+    (when last (re)submitted: the maximum event age counts from here). Same retention."""
+    return f"{PREFIX}:job:{job_id}:meta"
+
+
+def job_stop(job_id: str) -> str:
+    """Stop flag of a running job; its worker's watcher polls it and cancels ffmpeg."""
+    return f"{PREFIX}:job:{job_id}:stop"
+
+
+def job_keys(job_id: str) -> tuple[str, ...]:
+    """Every key of one job that lives for the record retention once the job finished."""
+    return (job(job_id), job_log(job_id), job_meta(job_id))
+
+
+def dlq_guard(job_id: str, attempt: int, condition: str, envelope_ms: int) -> str:
+    """Set-once marker so `transcoder.dest_fail` pushes each envelope once, even when its
+    message is delivered twice (an envelope's `timestamp` is fixed when it is built)."""
+    return f"{PREFIX}:dlq:seen:{job_id}:{attempt}:{condition}:{envelope_ms}"

@@ -1,0 +1,286 @@
+"""The task `transcoder.transcode`: one attempt of one job, accounted for exactly once.
+
+Every delivered message first asks the job store whether it may start (a finished job, or one
+whose lease is alive elsewhere, is acknowledged and dropped). The attempt then downloads the
+source into its own work dir, runs the engine once for every format, uploads the outputs
+(HLS segments before the playlist) and finishes the job with an atomic transition; a stop or
+failure removes what this attempt uploaded, and the work dir always goes.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from celery import Task
+
+from tasks.app import app
+from tasks.runtime import AttemptWatcher, ProgressReporter
+from transcoder import service
+from transcoder.errors import (
+    CancelledError,
+    InsufficientDiskError,
+    InternalError,
+    RequestError,
+    TranscoderError,
+)
+from transcoder.models import JobRecord, JobRequest, JobState, OutputObject
+from transcoder.storage import Storage
+from transcoder.store import JobStore, error_info, new_token
+
+logger = logging.getLogger(__name__)
+
+
+#: the invocation id rule of SPEC §3 (ids go into Redis keys)
+_JOB_ID_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,127}")
+
+
+class AttemptLost(Exception):
+    """Our attempt no longer owns the job (the reaper gave it to another worker)."""
+
+
+def _resolve(store: JobStore, request: Any, job_id: str | None, task_id: str) -> str | None:
+    """The job this message is about, creating the record for a plain `transcode.delay(...)`.
+
+    Returns None when there is nothing to run (an invalid request, now recorded and delivered,
+    or a message for a job whose record is gone)."""
+    if job_id:
+        return job_id if store.find(job_id) is not None else None
+    try:
+        parsed = service.parse_request(request)
+    except RequestError as exc:
+        raw = request if isinstance(request, dict) else {"raw": repr(request)[:1000]}
+        claimed = raw.get("invocation_id")
+        invalid_id = claimed if _valid_id(claimed) else task_id
+        record = service.new_record(
+            str(invalid_id),
+            raw,
+            state=JobState.INVALID,
+            invocation_id=claimed if _valid_id(claimed) else None,
+        )
+        record.error = error_info(exc)
+        record.finished_at = record.created_at
+        record, created = store.create(record)
+        if created:
+            store.log(record.id, str(exc))
+            service.finished(store, record)
+        return None
+    payload = service.request_payload(parsed)
+    record, created = store.create(service.new_record(parsed.invocation_id or task_id, payload))
+    if created:
+        store.log(record.id, f"submitted through Celery: {parsed.object}")
+    return record.id
+
+
+def _valid_id(value: object) -> bool:
+    return isinstance(value, str) and _JOB_ID_RE.fullmatch(value) is not None
+
+
+@app.task(bind=True, name="transcoder.transcode", acks_late=True, max_retries=None)
+def transcode(self: Task, request: Any = None, job_id: str | None = None) -> dict[str, Any]:
+    """Run one attempt of a job (`request` as a dict; `job_id` when the service made it)."""
+    if isinstance(request, JobRequest):
+        request = service.request_payload(request)
+    store = service.get_store()
+    task_id = str(self.request.id)
+    resolved = _resolve(store, request, job_id, task_id)
+    if resolved is None:
+        return {"job_id": job_id, "ran": False}
+    worker = str(self.request.hostname or socket.gethostname())
+    token = new_token(worker)
+    start = store.start(resolved, token, worker)
+    if start.outcome != "started" or start.record is None:
+        if start.outcome in ("stopped", "expired", "exhausted") and start.record is not None:
+            store.log(resolved, f"ended before running: {start.record.state.value}")
+            service.finished(store, start.record)
+        else:
+            logger.info("job %s: message dropped (%s)", resolved, start.outcome)
+        return {"job_id": resolved, "ran": False, "outcome": start.outcome}
+    store.log(resolved, f"attempt {start.record.attempts} started on {worker}")
+    state = _run_attempt(store, start.record, token, task_id, worker)
+    return {"job_id": resolved, "ran": True, "state": state}
+
+
+def _run_attempt(store: JobStore, record: JobRecord, token: str, task_id: str, worker: str) -> str:
+    job_id = record.id
+    request = JobRequest.model_validate(record.request)
+    settings = store.settings
+    cancel = threading.Event()
+    watcher = AttemptWatcher(store, job_id, token, cancel)
+    reporter = ProgressReporter(app, store, job_id, token, task_id, worker)
+    work_dir = Path(settings.work_dir) / f"{job_id}-{token.rsplit('/', 1)[-1]}"
+    storage = Storage(settings)
+    uploaded: list[str] = []
+    source_bytes = 0
+    # an earlier attempt of this job on this machine died (we own the job now): its files go
+    # (exact match: the glob also finds other jobs whose id starts with "{job_id}-")
+    for stale in Path(settings.work_dir).glob(f"{job_id}-*"):
+        if stale.name.rpartition("-")[0] == job_id:
+            shutil.rmtree(stale, ignore_errors=True)
+    watcher.start()
+    try:
+        try:
+            source_bytes, outputs = _work(
+                request, storage, store, job_id, work_dir, cancel, watcher, reporter, uploaded
+            )
+            if watcher.lease_lost:
+                raise AttemptLost
+            # the work dir goes before the job reads as done: a finished job leaves no files
+            shutil.rmtree(work_dir, ignore_errors=True)
+            watcher.flush()
+            outcome, final = store.finish(job_id, token, JobState.SUCCEEDED, outputs=outputs)
+            if outcome == "stop_requested":
+                raise CancelledError("stopped before the job could be recorded as done")
+            if outcome == "lost":
+                raise AttemptLost
+        except AttemptLost:
+            store.log(job_id, f"attempt on {worker} lost its lease; another attempt owns the job")
+            return "lost"
+        except Exception as exc:
+            shutil.rmtree(work_dir, ignore_errors=True)
+            watcher.flush()
+            return _failed(
+                store, job_id, token, request, storage, uploaded, exc, watcher, source_bytes
+            )
+        assert final is not None
+        store.log(job_id, f"succeeded: {len(outputs)} object(s) in s3://{request.target_bucket}")
+        service.finished(store, final, bytes_in=source_bytes)
+        return final.state.value
+    finally:
+        watcher.close()
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _work(
+    request: JobRequest,
+    storage: Storage,
+    store: JobStore,
+    job_id: str,
+    work_dir: Path,
+    cancel: threading.Event,
+    watcher: AttemptWatcher,
+    reporter: ProgressReporter,
+    uploaded: list[str],
+) -> tuple[int, list[OutputObject]]:
+    """Download, transcode, upload; returns (source bytes, outputs)."""
+    from transcoder import engine
+
+    settings = store.settings
+    info = storage.stat(request.bucket, request.object)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    # room for the source and outputs about its size, plus the configured reserve
+    needed = 2 * info.size + settings.min_free_disk_bytes
+    free = shutil.disk_usage(work_dir).free
+    if free < needed:
+        raise InsufficientDiskError(
+            f"work dir has {free} bytes free; this job needs about {needed}"
+        )
+    suffix = Path(request.object).suffix.lower()
+    source = work_dir / f"source{suffix if suffix.isascii() and len(suffix) <= 10 else ''}"
+    watcher.log(f"download s3://{request.bucket}/{request.object} ({info.size} bytes)")
+    reporter.report("download", 0, force=True)
+    storage.download(
+        request.bucket,
+        request.object,
+        source,
+        cancel=cancel,
+        on_bytes=lambda done, total: reporter.report("download", 100 * done / max(total, 1)),
+    )
+    out_dir = work_dir / "out"
+    out_dir.mkdir()
+    started = time.monotonic()
+    result = engine.transcode(
+        source,
+        out_dir,
+        stem=request.stem,
+        formats=request.formats,
+        options=request.encoding_options(),
+        settings=settings,
+        on_progress=lambda event: reporter.report(
+            "transcode", event.percent, fps=event.fps, speed=event.speed, eta_s=event.eta_s
+        ),
+        on_log=watcher.log,
+        cancel=cancel,
+        time_limit_s=settings.job_time_limit_s,
+    )
+    watcher.log(f"transcoded in {time.monotonic() - started:.1f} s")
+    store.update_running(job_id, watcher.token, commands=result.commands)
+    paths = [path for output in result.outputs for path in output.paths]  # playlists last
+    outputs: list[OutputObject] = []
+    reporter.report("upload", 0, force=True)
+    for number, path in enumerate(paths, start=1):
+        if cancel.is_set():
+            raise CancelledError("stopped during upload")
+        key = request.output_key(path.name)
+        uploaded.append(key)  # before the call: a half-done upload is removed on failure
+        found = storage.upload(request.target_bucket, key, path, job_id=job_id)
+        outputs.append(OutputObject(key=found.key, size=found.size))
+        reporter.report("upload", 100 * number / len(paths))
+    if cancel.is_set():
+        raise CancelledError("stopped during upload")
+    return info.size, outputs
+
+
+def _failed(
+    store: JobStore,
+    job_id: str,
+    token: str,
+    request: JobRequest,
+    storage: Storage,
+    uploaded: list[str],
+    exc: Exception,
+    watcher: AttemptWatcher,
+    source_bytes: int,
+) -> str:
+    """End a failed attempt: clean the bucket, then stop, retry later or fail the job."""
+    if watcher.lease_lost:
+        # the attempt now owning the job writes the same keys: leave the bucket to it
+        store.log(job_id, "attempt lost its lease; another attempt owns the job")
+        return "lost"
+    if uploaded:
+        try:
+            storage.remove(request.target_bucket, uploaded)
+        except TranscoderError as cleanup:
+            store.log(job_id, f"could not remove partial outputs: {cleanup}")
+    if isinstance(exc, TranscoderError):
+        error = exc
+    else:
+        logger.exception("job %s: unexpected error", job_id)
+        error = InternalError(f"internal error ({type(exc).__name__}); see the worker log")
+    stop_requested = watcher.stop_requested or store.stop_requested(job_id)
+    if isinstance(error, CancelledError) and stop_requested:
+        state = JobState.STOPPED
+    elif isinstance(error, RequestError):
+        state = JobState.INVALID
+    elif error.retryable and store.can_retry(job_id):
+        record = store.retry_later(job_id, token, error_info(error))
+        if record is None:
+            return "lost"
+        delay_s = _backoff_s(record.attempts, store)
+        store.log(job_id, f"{error.error_type}: {error.message}; retry in {delay_s:.1f} s")
+        service.enqueue(job_id, record.request, countdown_s=delay_s, settings=store.settings)
+        return JobState.RETRYING.value
+    else:
+        state = JobState.FAILED
+    outcome, final = store.finish(job_id, token, state, error=error_info(error), outputs=[])
+    if outcome != "finished" or final is None:
+        return "lost"
+    store.log(job_id, f"{state.value}: {error.error_type}: {error.message}")
+    if error.stderr_tail:
+        store.log(job_id, "ffmpeg stderr (tail):", *error.stderr_tail.splitlines()[-20:])
+    service.finished(store, final, bytes_in=source_bytes)
+    return final.state.value
+
+
+def _backoff_s(attempt: int, store: JobStore) -> float:
+    """Exponential backoff with full jitter, between the configured bounds."""
+    settings = store.settings
+    ceiling = min(settings.retry_max_backoff_s, settings.retry_min_backoff_s * 2 ** (attempt - 1))
+    return random.uniform(settings.retry_min_backoff_s, max(settings.retry_min_backoff_s, ceiling))  # noqa: S311

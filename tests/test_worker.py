@@ -1,0 +1,505 @@
+"""The worker service end to end: real Redis, a real moto S3 server, real ffmpeg and real
+`celery -A tasks worker` processes (two, shared by the module, with lowered timeouts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from conftest import (
+    TEST_REDIS_DB,
+    free_port,
+    generate_media,
+    missing_service,
+    start_moto,
+    wait_for,
+)
+from workers import FAST_ENV, Worker, ffmpeg_processes, sample_source
+
+from transcoder import keys, service
+from transcoder.errors import ObjectNotFoundError, SourceTooLargeError, StorageError
+from transcoder.models import JobRecord, JobState
+from transcoder.settings import Settings
+from transcoder.storage import Storage
+
+pytestmark = pytest.mark.integration
+
+SUCCESS_LIST = "test:success"
+
+
+@pytest.fixture(scope="module")
+def redis_db() -> Iterator[str]:
+    """The tests' Redis database for the whole module (workers keep their broker state)."""
+    url = os.environ.get("TRANSCODER_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{TEST_REDIS_DB}")
+    client = redis.Redis.from_url(url)
+    try:
+        client.ping()
+    except redis.exceptions.ConnectionError:
+        missing_service(f"no Redis answers at {url}")
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def moto(ffmpeg_available: None) -> Iterator[object]:
+    """Our own moto_server (the outage test stops and restarts it on its port)."""
+    server = start_moto()
+    yield server
+    server.process.terminate()
+    server.process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def env(redis_db: str, moto, tmp_path_factory) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    work = tmp_path_factory.mktemp("work")
+    return {
+        **moto.env(),
+        **FAST_ENV,
+        "TRANSCODER_REDIS_URL": redis_db,
+        "TRANSCODER_WORK_DIR": str(work),
+        "TRANSCODER_ON_SUCCESS": f"redis-list:{SUCCESS_LIST}",
+    }
+
+
+@pytest.fixture(scope="module")
+def settings(env: dict[str, str]) -> Settings:
+    names = {key.removeprefix("TRANSCODER_").lower(): value for key, value in env.items()}
+    return Settings(**names)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def workers(env: dict[str, str], tmp_path_factory) -> Iterator[list[Worker]]:  # type: ignore[no-untyped-def]
+    logs = tmp_path_factory.mktemp("logs")
+    pool = [Worker(name, env, logs, concurrency=2) for name in ("alpha", "beta")]
+    for worker in pool:
+        worker.start()
+    for worker in pool:
+        worker.wait_ready()
+    yield pool
+    for worker in pool:
+        worker.stop()
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
+    return tmp_path_factory.mktemp("media")
+
+
+@pytest.fixture
+def s3(moto):  # type: ignore[no-untyped-def]
+    return moto.client()
+
+
+class ProgressEvents:
+    """Collects `task-progress` Celery events, as Flower receives them."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.app = service.celery_app(settings)
+        self.events: list[dict] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.receiver: Any = None
+        self.ready = threading.Event()
+
+    def _run(self) -> None:
+        with self.app.connection_for_read() as connection:
+            self.receiver = self.app.events.Receiver(
+                connection, handlers={"task-progress": self.events.append}
+            )
+            self.ready.set()
+            self.receiver.capture(limit=None, timeout=None, wakeup=False)
+
+    def start(self) -> ProgressEvents:
+        self.thread.start()
+        self.ready.wait(10)
+        time.sleep(0.3)  # the receiver's queue is bound once it consumes
+        return self
+
+    def stop(self) -> list[dict]:
+        self.receiver.should_stop = True  # checked between drains (about once a second)
+        self.thread.join(5)
+        return self.events
+
+
+def upload(s3, bucket: str, key: str, path: Path) -> None:  # type: ignore[no-untyped-def]
+    if not s3.bucket_exists(bucket):
+        s3.make_bucket(bucket)
+    s3.fput_object(bucket, key, str(path))
+
+
+def finished(settings: Settings, job_id: str, timeout_s: float = 60) -> JobRecord:
+    def done() -> JobRecord | None:
+        record = service.get_job(job_id, settings=settings)
+        return record if record.state.finished else None
+
+    return wait_for(done, timeout_s, f"job {job_id} to finish", interval_s=0.1)
+
+
+def envelopes(settings: Settings, key: str, job_id: str) -> list[dict]:
+    client = service.get_store(settings).client
+    found = [json.loads(raw) for raw in client.lrange(key, 0, -1)]
+    return [body for body in found if body["requestContext"]["requestId"] == job_id]
+
+
+def decodes(s3, bucket: str, key: str, tmp_path: Path) -> bool:  # type: ignore[no-untyped-def]
+    local = tmp_path / key.replace("/", "_")
+    s3.fget_object(bucket, key, str(local))
+    result = subprocess.run(
+        ["ffmpeg", "-v", "error", "-i", str(local), "-f", "null", "-"],
+        capture_output=True,
+        text=True,
+    )
+    return result.returncode == 0 and not result.stderr.strip()
+
+
+def test_storage_wrapper_maps_errors_and_streams(settings, s3, media, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    storage = Storage(settings)
+    upload(s3, "store-bucket", "dir/a b+%.mp4", sample_source(media))
+    target = tmp_path / "copy.mp4"
+    info = storage.download("store-bucket", "dir/a b+%.mp4", target)
+    assert info.size == target.stat().st_size == sample_source(media).stat().st_size
+    storage.upload("store-bucket", "out/x.m3u8", target, job_id="j1")
+    stat = s3.stat_object("store-bucket", "out/x.m3u8")
+    assert stat.content_type == "application/vnd.apple.mpegurl"
+    assert stat.metadata.get("x-amz-meta-transcoder-job") == "j1"
+    with pytest.raises(ObjectNotFoundError):
+        storage.download("store-bucket", "missing.mp4", target)
+    with pytest.raises(ObjectNotFoundError):
+        storage.stat("no-such-bucket", "x.mp4")
+    assert storage.remove_prefix("store-bucket", "out/") == 1
+    too_small = Settings(**{**settings.model_dump(), "max_source_bytes": 10})
+    with pytest.raises(SourceTooLargeError):
+        Storage(too_small).download("store-bucket", "dir/a b+%.mp4", target)
+    unreachable = Settings(**{**settings.model_dump(), "s3_endpoint": f"127.0.0.1:{free_port()}"})
+    with pytest.raises(StorageError) as caught:
+        Storage(unreachable, retries=0).stat("store-bucket", "x.mp4")
+    assert caught.value.retryable and "testsecret" not in str(caught.value)
+
+
+def test_seed_invocations_each_succeed_once(workers, settings, s3, media, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    upload(s3, "my-bucket", "480P.mp4", sample_source(media))
+    formats = ["mov", "mov", "flv", "avi", "m3u8"]
+    ids = [f"my{n}-480P-mp4" for n in range(1, 6)]
+    for job_id, fmt in zip(ids, formats, strict=True):
+        request = {
+            "bucket": "my-bucket",
+            "object": "480P.mp4",
+            "output_dir": "a",
+            "dst_format": fmt,
+            "invocation_id": job_id,
+        }
+        assert service.submit(request, settings=settings).created
+    for job_id, fmt in zip(ids, formats, strict=True):
+        record = finished(settings, job_id)
+        assert record.state == JobState.SUCCEEDED, record.error
+        assert record.attempts == 1
+        assert record.outputs[-1].key == f"a/480P.{fmt}"
+        assert record.commands and record.commands[0][0].endswith("ffmpeg")
+        assert [
+            e["requestContext"]["condition"] for e in envelopes(settings, SUCCESS_LIST, job_id)
+        ] == ["Success"]
+    keys_found = {
+        obj.object_name for obj in s3.list_objects("my-bucket", prefix="a/", recursive=True)
+    }
+    assert {"a/480P.mov", "a/480P.flv", "a/480P.avi", "a/480P.m3u8"} <= keys_found
+    segments = [key for key in keys_found if key.endswith(".ts")]
+    assert segments
+    for key in ("a/480P.mov", "a/480P.flv", "a/480P.avi", "a/480P.m3u8"):
+        if key.endswith(".m3u8"):
+            for segment in segments:
+                s3.fget_object("my-bucket", segment, str(tmp_path / segment.split("/")[-1]))
+            s3.fget_object("my-bucket", key, str(tmp_path / "480P.m3u8"))
+            check = subprocess.run(
+                ["ffmpeg", "-v", "error", "-i", str(tmp_path / "480P.m3u8"), "-f", "null", "-"],
+                capture_output=True,
+            )
+            assert check.returncode == 0
+        else:
+            assert decodes(s3, "my-bucket", key, tmp_path), key
+
+    # the same invocation id again runs nothing and says so
+    again = service.submit(
+        {
+            "bucket": "my-bucket",
+            "object": "480P.mp4",
+            "output_dir": "a",
+            "dst_format": "mov",
+            "invocation_id": "my1-480P-mp4",
+        },
+        settings=settings,
+    )
+    assert not again.created and again.record.state == JobState.SUCCEEDED
+    time.sleep(1.5)
+    assert service.get_job("my1-480P-mp4", settings=settings).attempts == 1
+    assert len(envelopes(settings, SUCCESS_LIST, "my1-480P-mp4")) == 1
+
+
+def test_plain_celery_delay_and_invalid_request(workers, settings, s3, media) -> None:  # type: ignore[no-untyped-def]
+    upload(s3, "plain-bucket", "in/clip one.mp4", sample_source(media))
+    app = service.celery_app(settings)
+    app.send_task(
+        "transcoder.transcode",
+        args=[
+            {
+                "bucket": "plain-bucket",
+                "object": "in/clip one.mp4",
+                "output_dir": "out",
+                "dst_format": "MP4",
+                "invocation_id": "plain_1",
+            }
+        ],
+    )
+    app.send_task(
+        "transcoder.transcode",
+        args=[
+            {
+                "bucket": "plain-bucket",
+                "object": "x.mp4",
+                "dst_format": "mkv",
+                "invocation_id": "bad_1",
+            }
+        ],
+    )
+    record = finished(
+        settings,
+        wait_for(
+            lambda: service.get_store(settings).find("plain_1"), 30, "the task to create the record"
+        ).id,
+    )
+    assert record.state == JobState.SUCCEEDED and record.outputs[0].key == "out/clip one.mp4"
+    bad = wait_for(lambda: service.get_store(settings).find("bad_1"), 30, "the invalid record")
+    assert bad.state == JobState.INVALID and "mkv" in bad.error.message
+    dead = wait_for(
+        lambda: envelopes(settings, keys.DLQ, "bad_1"), 30, "the InvalidRequest envelope"
+    )
+    assert dead[0]["requestContext"]["condition"] == "InvalidRequest"
+    assert dead[0]["responseContext"]["functionError"] == "Handled"
+
+
+def test_truncated_source_fails_once_into_the_dlq(workers, settings, s3, media) -> None:  # type: ignore[no-untyped-def]
+    # moov at the end (no faststart): the cut file has no index at all
+    whole = generate_media(media / "whole.mp4", duration_s=3, size="320x240").read_bytes()
+    truncated = media / "truncated.mp4"
+    truncated.write_bytes(whole[: len(whole) // 3])
+    upload(s3, "bad-bucket", "truncated.mp4", truncated)
+    job_id = service.submit(
+        {"bucket": "bad-bucket", "object": "truncated.mp4", "dst_format": "mov", "output_dir": "o"},
+        settings=settings,
+    ).record.id
+    record = finished(settings, job_id)
+    assert record.state == JobState.FAILED and record.attempts == 1
+    assert record.error is not None and record.error.stderr_tail
+    dead = wait_for(lambda: envelopes(settings, keys.DLQ, job_id), 20, "the DLQ envelope")
+    time.sleep(1)
+    dead = envelopes(settings, keys.DLQ, job_id)
+    assert len(dead) == 1
+    body = dead[0]
+    assert body["requestContext"] == {
+        "requestId": job_id,
+        "functionArn": "transcoder.transcode",
+        "condition": "RetriesExhausted",
+        "approximateInvokeCount": 1,
+    }
+    assert body["responsePayload"]["stderrTail"] and body["responsePayload"]["errorType"]
+    assert not list(s3.list_objects("bad-bucket", prefix="o/", recursive=True))
+
+
+def test_stop_running_job_kills_ffmpeg_within_two_seconds(workers, settings, s3, media) -> None:  # type: ignore[no-untyped-def]
+    clip = generate_media(media / "long.mp4", duration_s=60, size="640x480")
+    upload(s3, "stop-bucket", "long.mp4", clip)
+    progress_events = ProgressEvents(settings).start()
+    job_id = service.submit(
+        {
+            "bucket": "stop-bucket",
+            "object": "long.mp4",
+            "dst_format": "webm",
+            "output_dir": "s",
+            "copy_policy": "never",
+        },
+        settings=settings,
+    ).record.id
+    work = settings.work_dir
+
+    def transcoding() -> bool:
+        record = service.get_job(job_id, settings=settings)
+        return record.progress.phase == "transcode" and record.progress.percent > 6
+
+    wait_for(transcoding, 30, "the transcode to make progress", interval_s=0.1)
+    pids = ffmpeg_processes(work)
+    assert pids, "ffmpeg should be running"
+    stopped_at = time.monotonic()
+    assert service.stop_job(job_id, settings=settings).state == JobState.STOPPING
+    wait_for(lambda: not ffmpeg_processes(work), 2.0, "ffmpeg to be gone", interval_s=0.05)
+    assert time.monotonic() - stopped_at <= 2.0
+    record = finished(settings, job_id, 10)
+    assert record.state == JobState.STOPPED
+    assert not list(s3.list_objects("stop-bucket", prefix="s/", recursive=True))
+    assert not [p for p in work.iterdir() if p.name.startswith(job_id)]
+    dead = wait_for(lambda: envelopes(settings, keys.DLQ, job_id), 20, "the Stopped envelope")
+    assert dead[0]["requestContext"]["condition"] == "Stopped"
+    # Flower's view: task-progress events carrying the job's progress
+    seen = [event for event in progress_events.stop() if event.get("job_id") == job_id]
+    assert seen and {"percent", "phase", "fps", "speed", "eta_s"} <= set(seen[-1])
+    assert any(event["phase"] == "transcode" for event in seen)
+
+
+def test_retry_after_missing_object(workers, settings, s3, media) -> None:  # type: ignore[no-untyped-def]
+    s3.make_bucket("retry-bucket")
+    job_id = service.submit(
+        {
+            "bucket": "retry-bucket",
+            "object": "later.mp4",
+            "dst_format": "flv",
+            "invocation_id": "retry_me",
+        },
+        settings=settings,
+    ).record.id
+    record = finished(settings, job_id)
+    assert record.state == JobState.FAILED and record.error.type == "ObjectNotFound"
+    assert record.attempts == 1  # permanent: not retried
+    upload(s3, "retry-bucket", "later.mp4", sample_source(media))
+    assert service.retry_job(job_id, settings=settings).state == JobState.QUEUED
+    record = finished(settings, job_id)
+    assert record.state == JobState.SUCCEEDED and record.attempts == 2
+    assert [o.key for o in record.outputs] == ["later.flv"]
+
+
+def test_job_longer_than_visibility_timeout_runs_once(workers, settings, s3, media) -> None:  # type: ignore[no-untyped-def]
+    clip = generate_media(media / "vt.mp4", duration_s=22, size="640x480")
+    upload(s3, "vt-bucket", "vt.mp4", clip)
+    job_id = service.submit(
+        {"bucket": "vt-bucket", "object": "vt.mp4", "dst_format": "webm", "copy_policy": "never"},
+        settings=settings,
+    ).record.id
+    record = finished(settings, job_id, 120)
+    assert record.state == JobState.SUCCEEDED
+    run_s = (record.finished_at - record.started_at).total_seconds()
+    assert run_s >= 3 * int(FAST_ENV["TRANSCODER_VISIBILITY_TIMEOUT_S"]), run_s
+    assert record.attempts == 1
+    assert len(envelopes(settings, SUCCESS_LIST, job_id)) == 1
+    # the broker did redeliver the message meanwhile; the lease made it a no-op
+    assert any(f"job {job_id}: message dropped" in worker.log() for worker in workers)
+
+
+def test_killed_worker_job_finishes_on_another(workers, settings, s3, media) -> None:  # type: ignore[no-untyped-def]
+    upload(s3, "kill-bucket", "480P.mp4", sample_source(media))
+    job_id = service.submit(
+        {
+            "bucket": "kill-bucket",
+            "object": "480P.mp4",
+            "dst_format": "webm",
+            "copy_policy": "never",
+        },
+        settings=settings,
+    ).record.id
+
+    def transcoding() -> JobRecord | None:
+        record = service.get_job(job_id, settings=settings)
+        return (
+            record if record.progress.phase == "transcode" and record.progress.percent > 8 else None
+        )
+
+    running = wait_for(transcoding, 30, "the transcode to start", interval_s=0.1)
+    victim = next(w for w in workers if w.hostname == running.worker)
+    victim.kill()
+    killed_at = time.monotonic()
+    record = finished(settings, job_id, 60)
+    assert time.monotonic() - killed_at < 60
+    assert record.state == JobState.SUCCEEDED and record.worker != victim.hostname
+    assert record.attempts == 2, record.events
+    # the reaper re-enqueued it, or the broker's redelivery took the expired lease over
+    events = [event.event for event in record.events]
+    assert events.count("requeued") + events.count("takeover") >= 1
+    time.sleep(2)
+    assert len(envelopes(settings, SUCCESS_LIST, job_id)) == 1
+    victim.start().wait_ready()  # later tests get both workers back
+
+
+def test_storage_outage_is_retried(workers, settings, moto, media) -> None:  # type: ignore[no-untyped-def]
+    moto.process.terminate()
+    moto.process.wait(10)
+    job_id = service.submit(
+        {
+            "bucket": "outage-bucket",
+            "object": "480P.mp4",
+            "dst_format": "mov",
+            "invocation_id": "outage_1",
+        },
+        settings=settings,
+    ).record.id
+    wait_for(
+        lambda: service.get_job(job_id, settings=settings).state == JobState.RETRYING,
+        30,
+        "the first attempt to fail on the outage",
+    )
+    restarted = start_moto(moto.port)  # same port; moto keeps nothing: put the source back
+    moto.process = restarted.process
+    upload(restarted.client(), "outage-bucket", "480P.mp4", sample_source(media))
+    record = finished(settings, job_id, 60)
+    assert record.state == JobState.SUCCEEDED, record.error
+    assert record.attempts >= 2
+    assert any(
+        event.event == "retrying" and "StorageError" in event.detail for event in record.events
+    )
+
+
+def test_cli_submit_wait_and_status(workers, env, settings, s3, media) -> None:  # type: ignore[no-untyped-def]
+    upload(s3, "cli-bucket", "480P.mp4", sample_source(media))
+    cli = [sys.executable, "-c", "from transcoder.cli import main; main()"]
+    cli_env = {**os.environ, **env}
+    request = {"bucket": "cli-bucket", "object": "480P.mp4", "output_dir": "c", "dst_format": "flv"}
+    done = subprocess.run(
+        [
+            *cli,
+            "submit",
+            "-e",
+            json.dumps(request),
+            "--invocation-id",
+            "cli_wait",
+            "--wait",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=cli_env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    assert record["state"] == "succeeded" and record["outputs"][0]["key"] == "c/480P.flv"
+    again = subprocess.run(
+        [*cli, "submit", "-e", json.dumps(request), "--invocation-id", "cli_wait"],
+        capture_output=True,
+        text=True,
+        env=cli_env,
+        timeout=60,
+    )
+    assert again.returncode == 0 and "already exists" in again.stderr
+    failing = subprocess.run(
+        [
+            *cli,
+            "submit",
+            "--bucket",
+            "cli-bucket",
+            "--object",
+            "missing.mp4",
+            "--to",
+            "mov",
+            "--wait",
+        ],
+        capture_output=True,
+        text=True,
+        env=cli_env,
+        timeout=120,
+    )
+    assert failing.returncode == 1 and "ObjectNotFound" in failing.stdout

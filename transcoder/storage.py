@@ -1,0 +1,204 @@
+"""The S3/MinIO client wrapper: streaming download, multipart upload, listing, removal.
+
+Every minio/urllib3 error leaves here as a TranscoderError: a missing bucket or object is
+permanent (ObjectNotFoundError), refused credentials are permanent (StorageAccessError),
+anything else (connection refused, timeouts, 5xx) is a transient StorageError. Messages name
+the endpoint, bucket and key, never the credentials.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import urllib3
+from minio import Minio
+from minio.error import InvalidResponseError, S3Error, ServerError
+
+from transcoder.errors import (
+    CancelledError,
+    ObjectNotFoundError,
+    SourceTooLargeError,
+    StorageAccessError,
+    StorageError,
+    TranscoderError,
+)
+from transcoder.settings import Settings, get_settings
+
+#: read the source in chunks of this size: memory stays flat whatever the object size
+CHUNK_BYTES = 1024 * 1024
+#: multipart part size for uploads; minio holds each part in memory while it sends it, so
+#: parts stay small (memory is PART_BYTES x PARALLEL_PARTS) and grow only for huge files
+#: (S3 allows 10,000 parts per object)
+PART_BYTES = 8 * 1024 * 1024
+PARALLEL_PARTS = 2
+MAX_PARTS = 9000
+#: metadata on every object the service writes, so upload triggers can ignore our outputs
+WRITTEN_BY_METADATA = "transcoder-job"
+
+_CONTENT_TYPES = {
+    ".m3u8": "application/vnd.apple.mpegurl",
+    ".ts": "video/mp2t",
+    ".m4s": "video/iso.segment",
+    ".mp4": "video/mp4",
+    ".mov": "video/quicktime",
+    ".flv": "video/x-flv",
+    ".avi": "video/x-msvideo",
+    ".webm": "video/webm",
+}
+_NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound"}
+_ACCESS_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+
+
+def content_type(path: Path | str) -> str:
+    """The Content-Type of an output file, by its extension (the format table decides)."""
+    name = Path(path).name
+    try:
+        from transcoder.formats import content_type_for
+
+        found = content_type_for(name)
+        if found and found != "application/octet-stream":
+            return found
+    except (ImportError, KeyError, ValueError):
+        pass
+    suffix = Path(name).suffix.lower()
+    guessed = mimetypes.guess_type(f"x{suffix}")[0]
+    return _CONTENT_TYPES.get(suffix) or guessed or "application/octet-stream"
+
+
+@dataclass
+class ObjectInfo:
+    key: str
+    size: int
+
+
+class Storage:
+    """One MinIO client for the configured endpoint; thread-safe like minio.Minio itself."""
+
+    def __init__(self, settings: Settings | None = None, *, retries: int = 2) -> None:
+        self.settings = settings or get_settings()
+        self.endpoint = self.settings.s3_endpoint
+        # few transport-level retries: a longer outage becomes a StorageError, which the task
+        # retries with backoff instead of blocking a worker slot for minutes
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=5, read=60),
+            retries=urllib3.Retry(
+                total=retries, backoff_factor=0.3, status_forcelist=(500, 502, 503, 504)
+            ),
+            maxsize=10,
+        )
+        self.client = Minio(
+            self.endpoint,
+            access_key=self.settings.s3_access_key.get_secret_value(),
+            secret_key=self.settings.s3_secret_key.get_secret_value(),
+            secure=self.settings.s3_secure,
+            region=self.settings.s3_region,
+            http_client=http,
+        )
+
+    @contextmanager
+    def _errors(self, action: str, bucket: str, key: str = "") -> Iterator[None]:
+        where = f"s3://{bucket}/{key}" if key else f"bucket {bucket!r}"
+        try:
+            yield
+        except TranscoderError:
+            raise
+        except S3Error as exc:
+            if exc.code in _NOT_FOUND_CODES:
+                raise ObjectNotFoundError(f"{action} {where}: {exc.code} ({exc.message})") from None
+            if exc.code in _ACCESS_CODES:
+                raise StorageAccessError(f"{action} {where}: {exc.code}") from None
+            raise StorageError(f"{action} {where}: {exc.code} ({exc.message})") from None
+        except (ServerError, InvalidResponseError) as exc:
+            status = getattr(exc, "status_code", "?")
+            raise StorageError(f"{action} {where}: the object store answered {status}") from None
+        except ValueError as exc:  # the minio client refuses a name (e.g. a '..' segment)
+            raise ObjectNotFoundError(f"{action} {where}: key not addressable: {exc}") from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise StorageError(
+                f"{action} {where}: cannot reach the object store at {self.endpoint} "
+                f"({type(exc).__name__})"
+            ) from None
+
+    def stat(self, bucket: str, key: str) -> ObjectInfo:
+        """Size of an object; ObjectNotFoundError if the bucket or object does not exist."""
+        with self._errors("stat", bucket, key):
+            found = self.client.stat_object(bucket, key)
+        return ObjectInfo(key=key, size=int(found.size or 0))
+
+    def download(
+        self,
+        bucket: str,
+        key: str,
+        destination: Path,
+        *,
+        on_bytes: Callable[[int, int], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> ObjectInfo:
+        """Stream an object into `destination` chunk by chunk (never whole in memory).
+
+        Checks the size against `max_source_bytes` first; `cancel` aborts between chunks."""
+        info = self.stat(bucket, key)
+        if info.size > self.settings.max_source_bytes:
+            raise SourceTooLargeError(
+                f"s3://{bucket}/{key} is {info.size} bytes; the limit is "
+                f"{self.settings.max_source_bytes} (TRANSCODER_MAX_SOURCE_BYTES)"
+            )
+        done = 0
+        with self._errors("download", bucket, key):
+            response = self.client.get_object(bucket, key)
+            try:
+                with destination.open("wb") as sink:
+                    for chunk in response.stream(CHUNK_BYTES):
+                        if cancel is not None and cancel.is_set():
+                            raise CancelledError("stopped during download")
+                        sink.write(chunk)
+                        done += len(chunk)
+                        if on_bytes:
+                            on_bytes(done, info.size)
+            finally:
+                response.close()
+                response.release_conn()
+        if done != info.size:
+            raise StorageError(f"download s3://{bucket}/{key}: got {done} of {info.size} bytes")
+        return info
+
+    def upload(self, bucket: str, key: str, source: Path, *, job_id: str = "") -> ObjectInfo:
+        """Upload a file (multipart above one part) with its content type."""
+        size = source.stat().st_size
+        part_bytes = max(PART_BYTES, -(-size // MAX_PARTS))
+        with self._errors("upload", bucket, key):
+            self.client.fput_object(
+                bucket,
+                key,
+                str(source),
+                content_type=content_type(key),
+                metadata={WRITTEN_BY_METADATA: job_id or "yes"},
+                part_size=part_bytes,
+                num_parallel_uploads=PARALLEL_PARTS,
+            )
+        return ObjectInfo(key=key, size=size)
+
+    def list_objects(self, bucket: str, prefix: str) -> list[ObjectInfo]:
+        """Every object under `prefix` (recursive)."""
+        with self._errors("list", bucket, prefix):
+            return [
+                ObjectInfo(key=str(item.object_name), size=int(item.size or 0))
+                for item in self.client.list_objects(bucket, prefix=prefix, recursive=True)
+            ]
+
+    def remove(self, bucket: str, object_keys: list[str]) -> None:
+        """Remove objects one by one; a missing object is not an error."""
+        for key in object_keys:
+            with self._errors("remove", bucket, key):
+                self.client.remove_object(bucket, key)
+
+    def remove_prefix(self, bucket: str, prefix: str) -> int:
+        """Remove every object under `prefix`; returns how many were removed."""
+        found = self.list_objects(bucket, prefix)
+        self.remove(bucket, [item.key for item in found])
+        return len(found)
