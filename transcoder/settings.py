@@ -36,9 +36,9 @@ class Settings(BaseSettings):
     job_time_limit_s: float = 24 * 3600
     record_retention_s: int = 7 * 24 * 3600
     log_max_lines: int = 2000
-    lease_ttl_s: float = 90.0
-    heartbeat_interval_s: float = 30.0
-    reaper_interval_s: float = 15.0
+    lease_ttl_s: float = 45.0
+    heartbeat_interval_s: float = 15.0
+    reaper_interval_s: float = 10.0
     progress_interval_s: float = 1.0
     delivery_max_attempts: int = 5
     # above the longest job: a message is redelivered after this many seconds unacked
