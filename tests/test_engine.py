@@ -7,15 +7,23 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import generate_media, missing_service, wait_for
 
 from transcoder.engine import ProgressEvent, transcode
-from transcoder.errors import CancelledError, MediaError, SourceTooLargeError
+from transcoder.errors import (
+    CancelledError,
+    MediaError,
+    SourceTooLargeError,
+    StalledError,
+    UnsupportedMediaError,
+)
 from transcoder.models import EncodingOptions
 from transcoder.probe import input_args, probe
 from transcoder.settings import Settings
@@ -295,9 +303,12 @@ def test_bad_sources_are_classified_and_leave_nothing(
         whole = make_media("whole.mp4", duration_s=2.0, extra_output_args=args).read_bytes()
         source.write_bytes(whole[: len(whole) * 6 // 10])
     out = tmp_path / "out"
+    commands: list[list[str]] = []
 
     with pytest.raises(MediaError) as caught:
-        transcode(source, out, stem=kind, formats=["mov", "flv", "m3u8"])
+        transcode(
+            source, out, stem=kind, formats=["mov", "flv", "m3u8"], on_command=commands.append
+        )
 
     expected = {
         "empty": "empty file (0 bytes)",
@@ -308,11 +319,14 @@ def test_bad_sources_are_classified_and_leave_nothing(
     }
     assert expected[kind] in str(caught.value)
     assert not out.exists() or list(out.iterdir()) == []
+    # a source that fails only once ffmpeg runs still reports the command that failed
+    assert len(commands) == (1 if kind == "cut_short" else 0)
+    assert all(command[0] == "ffmpeg" for command in commands)
 
 
 def test_too_many_pixels_is_refused(make_media, tmp_path: Path) -> None:
     source = make_media("big.mp4", duration_s=0.5)
-    with pytest.raises(SourceTooLargeError, match="320x240"):
+    with pytest.raises(SourceTooLargeError, match=r"320x240 .* \(TRANSCODER_MAX_PIXELS\)"):
         transcode(
             source,
             tmp_path / "out",
@@ -409,3 +423,234 @@ def test_cancel_kills_ffmpeg_fast_and_leaves_nothing(tmp_path: Path, ffmpeg_avai
     wait_for(lambda: not ffmpeg_processes_using(str(source)), 2.0, "ffmpeg to exit")
     assert time.monotonic() - cancelled_at[0] < 2.0
     assert list(out.iterdir()) == []
+
+
+def ffmpeg(*args: str | Path) -> None:
+    command = ["ffmpeg", "-nostdin", "-v", "error", "-y", *map(str, args)]
+    subprocess.run(command, check=True, stdin=subprocess.DEVNULL, timeout=60)
+
+
+def frame_count(path: Path) -> int:
+    out = subprocess.run(
+        ["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v",
+         "-show_entries", "stream=nb_read_frames", "-of", "csv=p=0", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout  # fmt: skip
+    return int(out.split()[0])  # (an HLS playlist lists its stream twice)
+
+
+AV = ["-f", "lavfi", "-i", "testsrc2=size=160x120:rate=25:duration=1",
+      "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000:duration=1"]  # fmt: skip
+
+
+def _subtitles_and_two_audio_tracks(path: Path) -> None:
+    subtitles = path.with_suffix(".srt")
+    subtitles.write_text("1\n00:00:00,000 --> 00:00:00,800\nhello\n")
+    ffmpeg(*AV, "-f", "lavfi", "-i", "sine=frequency=660:duration=1", "-i", subtitles,
+           "-map", "0", "-map", "1", "-map", "2", "-map", "3", "-c:v", "libx264", "-preset",
+           "ultrafast", "-c:a", "aac", "-c:s", "srt", path)  # fmt: skip
+
+
+def _mpeg2_ts_with_data_stream(path: Path) -> None:
+    data = path.with_suffix(".bin")
+    data.write_bytes(bytes(range(256)) * 8)
+    ffmpeg(*AV, "-f", "data", "-i", data, "-map", "0", "-map", "1", "-map", "2",
+           "-c:v", "mpeg2video", "-c:a", "mp2", "-c:d", "copy", "-f", "mpegts", path)  # fmt: skip
+
+
+#: real-world shapes (all decode cleanly in ffmpeg): name → ffmpeg arguments or a maker
+REAL_WORLD: dict[str, Any] = {
+    "subs_two_audio.mkv": _subtitles_and_two_audio_tracks,
+    "mpeg2_data.ts": _mpeg2_ts_with_data_stream,
+    # a camera's MJPEG + PCM AVI, under a name that looks like an option, protocol and pattern
+    "-cam:01%d.avi": [*AV, "-c:v", "mjpeg", "-c:a", "pcm_s16le"],
+    "prores.mov": [*AV, "-c:v", "prores_ks", "-c:a", "pcm_s16le"],
+    # ffmpeg-made VFR with B-frames: each packet claims 1/30 s, the gaps are in the timestamps
+    "vfr_bframes.mp4": ["-f", "lavfi", "-i", "testsrc2=size=160x120:rate=30:duration=1",
+                        "-vf", "select='lt(mod(n,7),4)'", "-fps_mode", "vfr", "-c:v", "libx264"],
+    "vp9_alpha.webm": ["-f", "lavfi", "-i", "testsrc2=size=160x120:duration=1,format=yuva420p",
+                       "-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8"],
+    "anim.gif": ["-f", "lavfi", "-i", "testsrc2=size=80x60:rate=10:duration=1"],
+    "h263_phone.3gp": ["-f", "lavfi", "-i", "testsrc2=size=176x144:rate=15:duration=1",
+                       "-f", "lavfi", "-i", "sine=sample_rate=8000:duration=1",
+                       "-c:v", "h263", "-c:a", "aac", "-ar", "8000", "-ac", "1"],
+    "speech.flac": ["-f", "lavfi", "-i", "sine=duration=1"],
+    # audio 0.5-1.5 s, video 0-1 s: HLS times segments by the video alone
+    "late_audio.mp4": ["-f", "lavfi", "-i", "testsrc2=size=160x120:duration=1",
+                       "-itsoffset", "0.5", "-f", "lavfi", "-i", "sine=duration=1",
+                       "-c:v", "libx264", "-c:a", "aac"],
+    # 8 kHz telephone audio: AAC's priming would add 0.13 s where no edit list hides it
+    "telephone.wav": ["-f", "lavfi", "-i", "sine=sample_rate=8000:duration=1",
+                      "-c:a", "pcm_mulaw"],
+}  # fmt: skip
+
+
+def make_source(path: Path, how: Any) -> Path:
+    if callable(how):
+        how(path)
+    else:
+        ffmpeg(*how, path)
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(REAL_WORLD))
+def test_real_world_sources_become_clean_mp4_and_hls(
+    name: str, tmp_path: Path, ffmpeg_available: None
+) -> None:
+    source = make_source(tmp_path / name, REAL_WORLD[name])
+    assert decode_errors(source) == ""  # ffmpeg decodes it cleanly, so we must succeed
+    out = tmp_path / "out"
+
+    result = transcode(source, out, stem=source.stem, formats=["mp4", "m3u8"])
+
+    expected_s = duration_s(source)
+    for output in result.outputs:
+        assert_plays_fully(output.paths[-1], expected_s)
+    assert {p.name for p in out.iterdir()} == {p.name for o in result.outputs for p in o.paths}
+    kinds = sorted(stream_kinds(result.outputs[0].paths[-1]))
+    assert kinds == sorted({"video", "audio"} & {s.kind for s in result.media.streams})
+
+
+def _png(path: Path) -> None:
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x48", "-frames:v", "1", path)
+
+
+def _cover_only(path: Path) -> None:
+    picture = path.with_name("picture.png")
+    _png(picture)
+    ffmpeg("-i", picture, "-c:v", "mjpeg", "-disposition:v", "attached_pic", path)
+
+
+STILLS: dict[str, Any] = {
+    "cover.png": _png,  # png_pipe
+    # image2 (chosen by the name): must read this file only, never the sequence `%d` names
+    "photo%d.jpg": ["-f", "lavfi", "-i", "testsrc2=size=64x48", "-frames:v", "1",
+                    "-update", "1"],
+    "cover_only.mp4": _cover_only,  # nothing but an attached picture
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(STILLS))
+def test_a_single_picture_becomes_a_one_second_still_video(
+    name: str, tmp_path: Path, ffmpeg_available: None
+) -> None:
+    source = make_source(tmp_path / name, STILLS[name])
+    for decoy in ("photo0.jpg", "photo1.jpg"):  # what `photo%d.jpg` names: opening blocks
+        os.mkfifo(tmp_path / decoy)
+    events: list[ProgressEvent] = []
+
+    result = transcode(
+        source, tmp_path / "out", stem="still", formats=["mp4", "m3u8", "avi"],
+        settings=settings(probe_timeout_s=5), on_progress=events.append,
+    )  # fmt: skip
+
+    assert result.media.still and result.media.duration_s == 1.0
+    for output in result.outputs:
+        assert (output.video, output.audio) == ("encode", None)
+        assert_plays_fully(output.paths[-1], 1.0)
+        assert stream_kinds(output.paths[-1]) == ["video"]
+        assert picture_size(output.paths[-1]) == (64, 48)
+    assert frame_count(tmp_path / "out" / "still.mp4") == 25
+    assert events[-1].percent == 100
+
+
+def test_a_header_claiming_49_days_does_not_stop_a_one_second_clip(
+    make_media, tmp_path: Path
+) -> None:
+    from hostile_media import patch_durations  # rewrites mvhd, tkhd and mdhd; samples stay
+
+    source = patch_durations(make_media("claims.mp4", duration_s=1.0), 49 * 86400)
+    events: list[ProgressEvent] = []
+
+    result = transcode(
+        source, tmp_path / "out", stem="claims", formats=["mp4", "m3u8"],
+        on_progress=events.append,
+    )  # fmt: skip
+
+    assert result.media.claimed_duration_s == pytest.approx(49 * 86400)
+    assert result.media.duration_s == pytest.approx(1.0)  # what the streams say
+    for output in result.outputs:
+        assert_plays_fully(output.paths[-1], 1.0)
+    percents = [event.percent for event in events]
+    assert percents == sorted(percents) and percents[-1] == 100
+    assert all(event.eta_s is None or event.eta_s < 60 for event in events)
+
+
+def test_a_source_really_longer_than_the_limit_names_the_setting(
+    make_media, tmp_path: Path
+) -> None:
+    source = make_media("long.mp4", duration_s=2.0)
+    with pytest.raises(SourceTooLargeError, match=r"duration 2 s .*TRANSCODER_MAX_DURATION_S"):
+        transcode(
+            source, tmp_path / "out", stem="long", formats=["mp4"],
+            settings=settings(max_duration_s=1.5),
+        )  # fmt: skip
+
+
+def test_a_clip_trimmed_without_re_encoding_keeps_its_cut_in_every_format(
+    make_media, tmp_path: Path
+) -> None:
+    """`-ss 0.5 -c copy` leaves 0.5 s before the cut that an edit list hides: mov/mp4 copy
+    it (their edit list hides it too), the others must not play it."""
+    whole = make_media("whole.mp4", duration_s=2.0, extra_output_args=("-g", "50"))
+    trimmed = tmp_path / "trimmed.mp4"
+    ffmpeg("-ss", "0.5", "-i", whole, "-c", "copy", trimmed)
+    expected_frames = frame_count(trimmed)
+
+    result = transcode(trimmed, tmp_path / "out", stem="trimmed", formats=["mp4", "m3u8", "flv"])
+
+    assert result.media.video_preroll_s == pytest.approx(0.5, abs=0.05)
+    modes = {o.format: (o.video, o.audio) for o in result.outputs}
+    assert modes == {
+        "mp4": ("copy", "copy"),
+        "m3u8": ("encode", "encode"),
+        "flv": ("encode", "encode"),
+    }
+    for output in result.outputs:
+        assert_plays_fully(output.paths[-1], 1.5)
+        assert frame_count(output.paths[-1]) == expected_frames
+
+
+@pytest.mark.parametrize(
+    ("content", "error", "message"),
+    [
+        ("WEBVTT\n\n00:00.000 --> 00:01.000\nhello\n", UnsupportedMediaError,
+         "unsupported input format 'webvtt'"),
+        ("#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:1,\nother.ts\n#EXT-X-ENDLIST\n", MediaError,
+         "not a media file: a hls playlist or script that may reference other files"),
+    ],
+)  # fmt: skip
+def test_a_refused_format_is_named(
+    content: str, error: type[MediaError], message: str, tmp_path: Path, ffmpeg_available: None
+) -> None:
+    source = tmp_path / "refused.mp4"
+    source.write_text(content)
+    with pytest.raises(error) as caught:
+        transcode(source, tmp_path / "out", stem="refused", formats=["mp4"])
+    assert type(caught.value) is error
+    assert message in str(caught.value)
+
+
+def test_a_probe_that_hangs_is_stopped_and_may_be_retried(
+    make_media, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frozen or starved ffprobe says nothing about the file: retryable, not "bad media"."""
+    source = make_media("clip.mp4", duration_s=0.5)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    hang = f'#!/bin/sh\nexec {sys.executable} -c "import time; time.sleep(30)" "$@"\n'
+    (bin_dir / "ffprobe").write_text(hang)  # its command line still names the source
+    (bin_dir / "ffprobe").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    started = time.monotonic()
+
+    with pytest.raises(StalledError, match=r"probing took longer than 0\.5 s") as caught:
+        transcode(source, tmp_path / "out", stem="clip", formats=["mp4"],
+                  settings=settings(probe_timeout_s=0.5))  # fmt: skip
+
+    assert caught.value.retryable
+    assert time.monotonic() - started < 3
+    python = os.path.basename(sys.executable).encode()
+    assert not ffmpeg_processes_using(str(source), (python,))  # the hung "ffprobe" is gone

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from transcoder.errors import RequestError
+from transcoder.errors import RequestError, SourceTooLargeError, UnsupportedMediaError
 from transcoder.formats import FORMAT_TABLE, content_type_for
 from transcoder.models import FORMATS, EncodingOptions
 from transcoder.plan import OutputPlan, build_plan
-from transcoder.probe import SAFE_DEMUXERS, MediaInfo, StreamInfo
+from transcoder.probe import (
+    SAFE_DEMUXERS,
+    MediaInfo,
+    StreamInfo,
+    check_limits,
+    parse_probe_output,
+)
 from transcoder.settings import Settings
 
 OUT = Path("/out")
@@ -68,6 +75,11 @@ CASES = {
     "h264 full range": (media(video("h264", "yuvj420p"), audio()), [CC, CC, EE, CC, CC, EE]),
     "rotated h264": (media(video(rotation=90), audio()), [CC, EC, EE, EC, CC, EE]),
     "vfr h264": (media(video(variable_frame_rate=True), audio()), [CC, CC, EE, CC, CC, EE]),
+    # HLS sums packet durations into #EXTINF: reordered VFR is re-timed (encoded at a CFR)
+    "vfr h264 b-frames": (
+        media(video(variable_frame_rate=True, has_b_frames=True), audio()),
+        [CC, CC, EE, EC, CC, EE],
+    ),
     "mpeg4 mp3": (media(video("mpeg4"), audio("mp3")), [CC, EC, CC, EC, CC, EE]),
     "mpeg4 b-frames": (
         media(video("mpeg4", has_b_frames=True), audio("mp3")),
@@ -138,11 +150,35 @@ def test_input_is_locked_to_the_local_file_and_safe_demuxers() -> None:
     assert command[command.index("-protocol_whitelist") + 1] == "file"
     allowed = command[command.index("-format_whitelist") + 1].split(",")
     assert allowed == list(SAFE_DEMUXERS)
-    for dangerous in ("hls", "concat", "image2", "lavfi", "tty", "dash", "sdp", "rtsp", "data"):
+    for dangerous in ("hls", "concat", "lavfi", "tty", "dash", "sdp", "rtsp", "data", "svg_pipe"):
         assert dangerous not in allowed
     assert "-probesize" in command and "-analyzeduration" in command and "-max_pixels" in command
     assert command.index("-progress") < command.index("-i")
     assert "-nostdin" in command
+    assert "-pattern_type" not in command  # ffmpeg refuses it for any demuxer but image2
+
+
+def test_a_picture_read_with_image2_is_pinned_to_the_file_itself() -> None:
+    """image2 would expand `%d` or `*` in a name into other files: only with pattern none."""
+    picture = MediaInfo(Path("/in/a%d*.jpg"), "image2", 1.0, 1000, (video("mjpeg"),), still=True)
+    command = plan(picture, formats=["mp4"]).command
+    before_input = command[: command.index("-i")]
+    assert before_input[before_input.index("-f") + 1] == "image2"
+    assert before_input[before_input.index("-pattern_type") + 1] == "none"
+    assert command[command.index("-i") + 1] == "file:/in/a%d*.jpg"
+
+
+def test_a_still_picture_becomes_a_one_second_still_video_everywhere() -> None:
+    cover = video("mjpeg", "yuvj420p", attached_pic=True, frame_rate=None, base_frame_rate=None)
+    source = MediaInfo(Path("/in/cover.mp4"), "mov,mp4", 1.0, 1000, (cover,), still=True)
+    result = plan(source, formats=["mov", "avi", "m3u8", "webm"])
+    for output in result.outputs:
+        assert (output.video, output.audio) == ("encode", None)
+        assert value_after(output, "-vf").startswith("trim=end_frame=1,loop=loop=24:size=1,")
+        assert value_after(output, "-r") == "25" and value_after(output, "-fps_mode") == "cfr"
+        # a cover picture's disposition would make mov/mp4 store the video as cover art
+        assert value_after(output, "-disposition:v") == "default"
+    assert result.duration_s == 1.0
 
 
 def test_outputs_go_to_temp_names_and_final_names_follow_the_stem() -> None:
@@ -284,3 +320,95 @@ def test_content_types_for_uploads() -> None:
     assert content_type_for("a.avi") == "video/x-msvideo"
     assert content_type_for("a.webm") == "video/webm"
     assert content_type_for("a.mp4") == "video/mp4"
+
+
+# --- probe: what ffprobe's JSON is taken to mean ---------------------------------------------
+
+
+def _probed(fmt: dict, *streams: dict, size_bytes: int = 100_000, packets=()) -> MediaInfo:
+    data = {"format": fmt, "streams": list(streams), "packets": list(packets)}
+    return parse_probe_output(Path("/in/x.mp4"), data, size_bytes)
+
+
+H264 = {"index": 0, "codec_type": "video", "codec_name": "h264", "width": 64, "height": 48}
+AAC = {"index": 1, "codec_type": "audio", "codec_name": "aac", "channels": 2}
+DAYS_49 = str(49 * 86400)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "streams", "size_bytes", "expected", "claimed"),
+    [
+        ({"duration": "10.0"}, [H264, AAC], 100_000, 10.0, None),
+        # the container header alone lies: its streams are believed
+        ({"duration": DAYS_49}, [{**H264, "duration": "1.0"}, {**AAC, "duration": "1.2"}],
+         100_000, 1.2, 49 * 86400.0),
+        # every header lies, but 100 kB cannot hold 49 days of anything: unknown, not refused
+        ({"duration": DAYS_49}, [{**H264, "duration": DAYS_49}], 100_000, 0.0, 49 * 86400.0),
+        # a genuinely long, small file (8 kbit/s speech) is believed
+        ({"duration": "180000"}, [AAC], 180_000_000, 180_000.0, None),
+        # no container duration: the longest stream's
+        ({}, [{**H264, "duration": "3.0"}, {**AAC, "duration": "4.0"}], 100_000, 4.0, None),
+    ],
+)  # fmt: skip
+def test_a_duration_is_believed_only_when_the_data_backs_it(
+    fmt: dict, streams: list, size_bytes: int, expected: float, claimed: float | None
+) -> None:
+    media = _probed(fmt, *streams, size_bytes=size_bytes)
+    assert (media.duration_s, media.claimed_duration_s) == (expected, claimed)
+
+
+def test_limits_name_the_setting_that_raises_them() -> None:
+    small = Settings(max_pixels=64 * 47, max_duration_s=100)
+    with pytest.raises(SourceTooLargeError, match=r"64x48 .*TRANSCODER_MAX_PIXELS"):
+        check_limits(_probed({"duration": "1"}, H264), small)
+    with pytest.raises(SourceTooLargeError, match=r"duration 180000 s .*TRANSCODER_MAX_DURATION"):
+        check_limits(_probed({"duration": "180000"}, AAC, size_bytes=10**9), small)
+    # an unbacked claim is no reason to refuse
+    assert check_limits(_probed({"duration": DAYS_49}, AAC), Settings()).duration_s == 0.0
+
+
+def test_nothing_but_a_cover_picture_is_a_still_and_a_cover_beside_audio_is_dropped() -> None:
+    cover = {**H264, "codec_name": "mjpeg", "disposition": {"attached_pic": 1}}
+    alone = _probed({}, cover)
+    assert alone.still and alone.video is not None and alone.duration_s == 1.0
+    with_audio = _probed({"duration": "3"}, cover, AAC)
+    assert not with_audio.still and with_audio.video is None and with_audio.duration_s == 3.0
+    assert _probed({"format_name": "png_pipe"}, H264).still
+    with pytest.raises(UnsupportedMediaError, match=r"no audio or video .*only subtitle"):
+        check_limits(_probed({}, {"index": 0, "codec_type": "subtitle", "codec_name": "srt"}),
+                     Settings())  # fmt: skip
+
+
+def test_video_hidden_by_an_edit_list_is_measured_from_the_first_packets() -> None:
+    packets = [
+        {"stream_index": 1, "pts_time": "-0.021", "flags": "KD"},  # AAC priming: ignored
+        {"stream_index": 0, "pts_time": "-0.52", "flags": "KD"},
+        {"stream_index": 0, "pts_time": "-0.36", "flags": "_D"},
+        {"stream_index": 0, "pts_time": "0.0", "flags": "__"},
+    ]
+    assert _probed({}, H264, AAC, packets=packets).video_preroll_s == 0.52
+    assert _probed({}, H264, AAC, packets=packets[:1]).video_preroll_s == 0.0
+    trimmed = replace(media(video(), audio()), video_preroll_s=0.52)
+    assert modes(trimmed)["m3u8"] == EE and modes(trimmed)["mov"] == CC
+
+
+def test_telephone_rate_audio_is_resampled_only_where_no_edit_list_hides_the_priming() -> None:
+    phone = StreamInfo(index=1, kind="audio", codec="pcm_mulaw", channels=1, sample_rate=8000)
+    outputs = {o.format: o for o in plan(media(video(), phone)).outputs}
+    for name in ("m3u8", "flv", "avi"):
+        assert value_after(outputs[name], "-ar") == "48000", name
+    assert "-ar" not in outputs["mov"].args and "-ar" not in outputs["mp4"].args
+    assert "-ar" not in plan(media(video(), audio()), formats=["m3u8"]).outputs[0].args
+
+
+def test_hls_holds_the_last_picture_while_the_audio_goes_on() -> None:
+    late = replace(audio(), end_s=1.5)
+    short = media(video(end_s=1.0), late)
+    outputs = {o.format: o for o in plan(short, formats=["m3u8", "mp4"]).outputs}
+    assert (outputs["m3u8"].video, outputs["mp4"].video) == ("encode", "copy")
+    assert value_after(outputs["m3u8"], "-vf").startswith(
+        "tpad=stop_mode=clone:stop_duration=0.500,"
+    )
+    # the usual few milliseconds of extra audio change nothing
+    almost = media(video(end_s=1.0), replace(audio(), end_s=1.1))
+    assert modes(almost, formats=["m3u8"]) == {"m3u8": CC}

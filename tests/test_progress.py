@@ -165,11 +165,13 @@ def test_nonzero_exit_is_an_ffmpeg_error_with_the_stderr_tail() -> None:
 
 
 def test_no_progress_for_the_stall_timeout_is_killed_and_classified() -> None:
+    # (other tests' session fixtures, e.g. an S3 server, may be children of this process too)
+    before = children_of_this_process()
     started = time.monotonic()
     with pytest.raises(StalledError):
         list(run_ffmpeg(fake(blocks=1, tail_sleep_s=30), duration_s=3.0, stall_timeout_s=0.5))
     assert time.monotonic() - started < 3
-    assert not children_of_this_process()
+    assert children_of_this_process() <= before
 
 
 def test_files_still_being_written_are_not_a_stall(tmp_path) -> None:
@@ -185,13 +187,14 @@ def test_files_still_being_written_are_not_a_stall(tmp_path) -> None:
 
 
 def test_time_limit_kills_and_is_classified() -> None:
+    before = children_of_this_process()
     with pytest.raises(TimeLimitError):
         list(
             run_ffmpeg(
                 fake(blocks=100, pause_s=0.05), duration_s=100, stall_timeout_s=10, time_limit_s=0.5
             )
         )
-    assert not children_of_this_process()
+    assert children_of_this_process() <= before
 
 
 def test_cancel_kills_within_two_seconds_even_if_term_is_ignored() -> None:
@@ -201,9 +204,10 @@ def test_cancel_kills_within_two_seconds_even_if_term_is_ignored() -> None:
     )
     stubborn = [sys.executable, "-c", code]
     cancel = threading.Event()
+    before = children_of_this_process()
     events = run_ffmpeg(stubborn, duration_s=1.0, stall_timeout_s=60, cancel=cancel)
     next(events)
-    (pid,) = children_of_this_process()
+    (pid,) = children_of_this_process() - before
     cancel.set()
     started = time.monotonic()
     with pytest.raises(CancelledError):
@@ -213,9 +217,10 @@ def test_cancel_kills_within_two_seconds_even_if_term_is_ignored() -> None:
 
 
 def test_abandoning_the_generator_kills_the_process() -> None:
+    before = children_of_this_process()
     events = run_ffmpeg(fake(blocks=100, pause_s=0.05), duration_s=100, stall_timeout_s=10)
     next(events)
-    (pid,) = children_of_this_process()
+    (pid,) = children_of_this_process() - before
     events.close()
     assert not alive(pid)
 

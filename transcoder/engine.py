@@ -32,7 +32,7 @@ from transcoder.probe import MediaInfo, probe
 from transcoder.runner import ProgressEvent, run_ffmpeg
 from transcoder.settings import Settings, get_settings
 
-__all__ = ["OutputFile", "ProgressEvent", "TranscodeResult", "transcode"]
+__all__ = ["OutputFile", "ProgressEvent", "TranscodeResult", "fit_stem", "transcode"]
 
 
 @dataclass
@@ -55,9 +55,24 @@ class TranscodeResult:
     elapsed_s: float
 
 
+#: a file name may have 255 bytes; the longest output extension is ".webm" / ".m3u8"
+MAX_STEM_BYTES = 250
+
+
 def _check_stem(stem: str) -> None:
     if not stem or stem in (".", "..") or "/" in stem or "\x00" in stem:
         raise RequestError(f"invalid output name {stem!r}: it must be a plain file name")
+    if len(os.fsencode(stem)) > MAX_STEM_BYTES:
+        raise RequestError(
+            f"output name too long: {len(os.fsencode(stem))} bytes, at most {MAX_STEM_BYTES}"
+        )
+
+
+def fit_stem(stem: str) -> str:
+    """`stem` shortened (on a character boundary) so every output's file name fits."""
+    while len(os.fsencode(stem)) > MAX_STEM_BYTES:
+        stem = stem[:-1]
+    return stem
 
 
 def _segments(playlist: Path) -> list[Path]:
@@ -110,13 +125,15 @@ def transcode(
     settings: Settings | None = None,
     on_progress: Callable[[ProgressEvent], None] | None = None,
     on_log: Callable[[str], None] | None = None,
+    on_command: Callable[[list[str]], None] | None = None,
     cancel: threading.Event | None = None,
     time_limit_s: float | None = None,
 ) -> TranscodeResult:
     """Convert `source` into every format as `out_dir/{stem}.{ext}` with one ffmpeg process.
 
     Raises only TranscoderError subclasses; on failure or cancel `out_dir` keeps nothing of
-    the attempt. The last progress event of a success is 100 %.
+    the attempt. The last progress event of a success is 100 %. `on_command` gets the ffmpeg
+    command line just before ffmpeg starts, so a failed job's record can show it too.
     """
     started = time.monotonic()
     settings = settings or get_settings()
@@ -145,6 +162,8 @@ def transcode(
         plan = build_plan(
             media, formats, options, settings, temp_dir=temp_dir, out_dir=out_dir, stem=stem
         )
+        if on_command is not None:
+            on_command(list(plan.command))
         last: ProgressEvent | None = None
         events = run_ffmpeg(
             plan.command,

@@ -51,6 +51,9 @@ class ContainerFormat:
     muxer_args: tuple[str, ...] = ()
     #: the container stores the display matrix, so a rotated source may be copied as is
     keeps_rotation: bool = False
+    #: the container has edit lists: copied packets a source's edit list hides (the frames
+    #: before a cut-without-re-encode) stay hidden; elsewhere they would play
+    has_edit_lists: bool = False
     #: the container has no presentation timestamps: B-frames would need hacks, and the
     #: frame rate must be constant
     needs_constant_frame_rate: bool = False
@@ -85,6 +88,7 @@ FORMAT_TABLE: dict[str, ContainerFormat] = {
             # moov first: playback can start before the whole file is downloaded
             muxer_args=("-movflags", "+faststart"),
             keeps_rotation=True,
+            has_edit_lists=True,
             video_tags={"hevc": "hvc1"},
         ),
         ContainerFormat(
@@ -101,6 +105,7 @@ FORMAT_TABLE: dict[str, ContainerFormat] = {
             content_type="video/mp4",
             muxer_args=("-movflags", "+faststart"),
             keeps_rotation=True,
+            has_edit_lists=True,
             video_tags={"hevc": "hvc1"},
         ),
         ContainerFormat(

@@ -145,6 +145,16 @@ class JobRequest(EncodingOptions):
             self.dst_format = normalized[0]
         if self.dst_formats is not None:
             self.dst_formats = normalize_formats(self.dst_formats)
+        # an output written over its own source would destroy the user's original
+        # (and a failed attempt's cleanup would delete it)
+        if self.target_bucket == self.bucket:
+            for fmt in normalized:
+                key = self.output_key(f"{self.stem}.{fmt}")
+                if key == self.object:
+                    raise ValueError(
+                        f"output {key!r} would overwrite the source object: "
+                        "choose another output_dir or output_bucket"
+                    )
         return self
 
     @property

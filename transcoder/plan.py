@@ -16,7 +16,7 @@ from pathlib import Path
 from transcoder.errors import RequestError
 from transcoder.formats import ENCODER_CODECS, ContainerFormat, accepts_video_copy, get_format
 from transcoder.models import EncodingOptions, normalize_formats
-from transcoder.probe import MediaInfo, StreamInfo, fraction_value, input_args
+from transcoder.probe import STILL_DURATION_S, MediaInfo, StreamInfo, fraction_value, input_args
 from transcoder.settings import Settings
 
 #: encoder aliases a request may use
@@ -26,6 +26,12 @@ _ENCODER_MAX_CHANNELS = {"libmp3lame": 2, "libopus": 2, "aac": 8}
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 #: enough buffered packets for sources whose streams start far apart
 MAX_MUXING_QUEUE_SIZE = 4096
+#: below this sample rate, audio encoded for a container without edit lists is resampled
+_MIN_SAMPLE_RATE = 32000
+#: audio that goes on longer than this after the video ends gets the last picture held (HLS)
+MAX_AUDIO_OVERRUN_S = 0.25
+#: frame rate of the still video made from a single picture
+STILL_FRAME_RATE = 25
 
 
 @dataclass(frozen=True)
@@ -78,9 +84,26 @@ def _encoder(
     return _ENCODER_ALIASES.get(requested, requested)
 
 
-def video_mode(fmt: ContainerFormat, video: StreamInfo, options: EncodingOptions) -> str:
-    """Copy the source video into `fmt` when it fits untouched under the options, else encode."""
-    if options.copy_policy == "never" or options.crf is not None or options.video_bitrate:
+def video_mode(
+    fmt: ContainerFormat,
+    video: StreamInfo,
+    options: EncodingOptions,
+    *,
+    still: bool = False,
+    preroll: bool = False,
+    audio_overrun_s: float = 0.0,
+) -> str:
+    """Copy the source video into `fmt` when it fits untouched under the options, else encode.
+
+    A single picture (`still`) is always encoded: it becomes a short still video. So is video
+    with frames an edit list hides (`preroll`) for a container that cannot hide them too, and
+    for HLS video that ends well before its audio (see `_hold_last_picture_s`).
+    """
+    if still or options.copy_policy == "never" or options.crf is not None or options.video_bitrate:
+        return "encode"
+    if preroll and not fmt.has_edit_lists:
+        return "encode"
+    if _hold_last_picture_s(fmt, audio_overrun_s):
         return "encode"
     if options.height is not None and _display_height(video) > options.height:
         return "encode"
@@ -92,12 +115,34 @@ def video_mode(fmt: ContainerFormat, video: StreamInfo, options: EncodingOptions
         return "encode"  # the container cannot say "turn this", so turn the pixels
     if fmt.needs_constant_frame_rate and (video.has_b_frames or video.variable_frame_rate):
         return "encode"
+    if fmt.segmented and _unreliable_timing(video):
+        return "encode"
     return "copy"
 
 
-def audio_mode(fmt: ContainerFormat, audio: StreamInfo, options: EncodingOptions) -> str:
-    """Copy the source audio into `fmt` when it fits untouched under the options, else encode."""
+def _hold_last_picture_s(fmt: ContainerFormat, audio_overrun_s: float) -> float:
+    """Seconds to hold the last picture for: HLS times each segment (#EXTINF) by its video
+    alone, so audio going on after the video ends would fall off the playlist's timeline."""
+    return audio_overrun_s if fmt.segmented and audio_overrun_s > MAX_AUDIO_OVERRUN_S else 0.0
+
+
+def _unreliable_timing(video: StreamInfo) -> bool:
+    """Variable frame rate with reordered frames: the packets' own durations may not add up
+    to the stream's length (ffmpeg-made VFR H.264 says 1/30 s for every frame of a gappy
+    stream), and the HLS muxer sums exactly those into each segment's #EXTINF."""
+    return video.variable_frame_rate and video.has_b_frames
+
+
+def audio_mode(
+    fmt: ContainerFormat, audio: StreamInfo, options: EncodingOptions, *, preroll: bool = False
+) -> str:
+    """Copy the source audio into `fmt` when it fits untouched under the options, else encode.
+
+    With a video `preroll` the audio of the hidden part goes too (it would play ahead).
+    """
     if options.copy_policy == "never" or options.audio_bitrate:
+        return "encode"
+    if preroll and not fmt.has_edit_lists:
         return "encode"
     if options.audio_codec and ENCODER_CODECS.get(options.audio_codec) != audio.codec:
         return "encode"
@@ -136,11 +181,24 @@ def _video_encode_args(
     options: EncodingOptions,
     settings: Settings,
     segment_s: float,
+    *,
+    still: bool = False,
+    audio_overrun_s: float = 0.0,
 ) -> list[str]:
     encoder = _encoder(
         options.video_codec, fmt.video_encoder, fmt.video_encoders, "video", fmt.name
     )
     filters: list[str] = []
+    hold_s = _hold_last_picture_s(fmt, audio_overrun_s)
+    if hold_s:
+        filters.append(f"tpad=stop_mode=clone:stop_duration={hold_s:.3f}")
+    if still:
+        # the first picture, repeated: a still video of STILL_DURATION_S at a constant rate
+        # (a cover picture or an image has no timing of its own to keep)
+        repeats = round(STILL_DURATION_S * STILL_FRAME_RATE) - 1
+        filters.append(
+            f"trim=end_frame=1,loop=loop={repeats}:size=1,setpts=N/{STILL_FRAME_RATE}/TB"
+        )
     if options.height is not None and _display_height(video) > options.height:
         # never upscale; -2 keeps the aspect ratio with an even width
         filters.append(f"scale=-2:{options.height - options.height % 2}")
@@ -177,7 +235,10 @@ def _video_encode_args(
     tag = fmt.video_tags.get(ENCODER_CODECS.get(encoder, ""))
     if tag:
         args += ["-tag:v", tag]
-    if fmt.needs_constant_frame_rate:
+    if still:
+        # a cover picture's flag would make the muxer store the video as cover art
+        args += ["-fps_mode", "cfr", "-r", str(STILL_FRAME_RATE), "-disposition:v", "default"]
+    elif fmt.needs_constant_frame_rate or (fmt.segmented and _unreliable_timing(video)):
         args += ["-fps_mode", "cfr", "-r", _constant_rate(video)]
     else:
         # keep the source's timing; the default (cfr) would duplicate frames of VFR phone
@@ -209,6 +270,10 @@ def _audio_encode_args(
     max_channels = min(fmt.max_audio_channels, _ENCODER_MAX_CHANNELS.get(encoder, 8))
     if (audio.channels or 0) > max_channels:
         args += ["-ac", "2"]  # downmix what the container or encoder cannot carry
+    if not fmt.has_edit_lists and 0 < (audio.sample_rate or 0) < _MIN_SAMPLE_RATE:
+        # the encoder's priming (~1024 samples) plays where no edit list hides it: 0.13 s
+        # of silence at telephone rates (8 kHz), 0.02 s at 48 kHz
+        args += ["-ar", "48000"]
     return args
 
 
@@ -223,14 +288,22 @@ def _output(
     stem: str,
 ) -> OutputPlan:
     video, audio = media.video, media.audio
+    preroll = video is not None and media.video_preroll_s > 0
     segment_s = options.hls_segment_s or settings.hls_segment_s
     args: list[str] = []
     video_choice = audio_choice = None
     if video is not None:
-        video_choice = video_mode(fmt, video, options)
+        video_choice = video_mode(
+            fmt,
+            video,
+            options,
+            still=media.still,
+            preroll=preroll,
+            audio_overrun_s=media.audio_overrun_s,
+        )
         args += ["-map", f"0:{video.index}"]
     if audio is not None:
-        audio_choice = audio_mode(fmt, audio, options)
+        audio_choice = audio_mode(fmt, audio, options, preroll=preroll)
         args += ["-map", f"0:{audio.index}"]
     if video is not None:
         if video_choice == "copy":
@@ -239,7 +312,15 @@ def _output(
             if tag:
                 args += ["-tag:v", tag]
         else:
-            args += _video_encode_args(fmt, video, options, settings, segment_s)
+            args += _video_encode_args(
+                fmt,
+                video,
+                options,
+                settings,
+                segment_s,
+                still=media.still,
+                audio_overrun_s=media.audio_overrun_s,
+            )
     if audio is not None:
         args += (
             ["-c:a", "copy"] if audio_choice == "copy" else _audio_encode_args(fmt, audio, options)
@@ -308,7 +389,7 @@ def build_plan(
     command += ["-max_pixels", str(min(settings.max_pixels, 2**31 - 1))]
     if settings.ffmpeg_threads > 0:
         command += ["-threads", str(settings.ffmpeg_threads)]
-    command += input_args(media.path)
+    command += input_args(media.path, media.format_name)
     # ffmpeg reports frames and fps of the first output only, and counts none for a copy:
     # outputs that encode video go first so progress shows a real fps
     for output in sorted(outputs, key=lambda output: output.video != "encode"):

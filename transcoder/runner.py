@@ -11,6 +11,7 @@ import ctypes
 import math
 import os
 import queue
+import re
 import signal
 import subprocess
 import threading
@@ -195,11 +196,15 @@ def _dir_signature(directory: Path) -> tuple[int, int]:
     return (total_bytes, newest_ns)
 
 
+#: "[mpegts @ 0x5616775c23c0] " → "mpegts: " (the address means nothing to a user)
+_CONTEXT_PREFIX = re.compile(r"^\[([^\]@]+?) @ 0x[0-9a-f]+\] ")
+
+
 def _last_error_line(lines: Sequence[str]) -> str:
     for line in reversed(lines):
         text = line.strip()
         if text and not text.startswith("Conversion failed"):
-            return text[:300]
+            return _CONTEXT_PREFIX.sub(r"\1: ", text)[:300]
     return "no message"
 
 

@@ -26,7 +26,7 @@ from rich.progress import (
 from rich.table import Table
 
 from transcoder.cli.app import app
-from transcoder.engine import ProgressEvent, TranscodeResult, transcode
+from transcoder.engine import ProgressEvent, TranscodeResult, fit_stem, transcode
 from transcoder.errors import RequestError, TranscoderError
 from transcoder.models import EncodingOptions, normalize_formats
 
@@ -74,7 +74,7 @@ def _summary(results: list[tuple[Path, TranscodeResult]]) -> Table:
                 output.video or "-",
                 output.audio or "-",
                 _size(sum(path.stat().st_size for path in output.paths)),
-                f"{result.media.duration_s:.2f} s",
+                f"{result.media.duration_s:.2f} s" if result.media.duration_s else "unknown",
                 f"{result.elapsed_s:.2f} s",
             )
     return table
@@ -122,9 +122,14 @@ def run_command(
         )
         raise _fail_usage(errors, reasons) from None
     for source in inputs:
-        if not source.is_file():
+        try:
+            found = source.is_file()
+        except OSError as exc:  # e.g. a name longer than the file system allows
+            raise _fail_usage(errors, f"{source}: {exc.strerror}") from None
+        if not found:
             raise _fail_usage(errors, f"{source}: no such file")
-    stems = [source.stem for source in inputs]
+    # a source name near the 255-byte limit would leave no room for a longer extension
+    stems = [fit_stem(source.stem) for source in inputs]
     if len(set(stems)) != len(stems):
         clash = next(stem for stem in stems if stems.count(stem) > 1)
         raise _fail_usage(errors, f"several inputs are named {clash!r}: their outputs would clash")
@@ -144,7 +149,9 @@ def run_command(
         TextColumn("{task.fields[speed]}"),
         TimeRemainingColumn(),
         console=errors,
-        transient=False,
+        # a bar is for people watching a terminal; in a log or a pipe it would add a second
+        # line to a failure's one-line reason
+        disable=not errors.is_terminal,
     )
     try:
         with progress:
@@ -159,7 +166,7 @@ def run_command(
                     result = transcode(
                         source,
                         out,
-                        stem=source.stem,
+                        stem=fit_stem(source.stem),
                         formats=formats,
                         options=options,
                         on_progress=report,
