@@ -22,6 +22,8 @@ def make_app(settings: Settings | None = None) -> Celery:
         # a message stays in Redis until its task returns; a dead pool child requeues it
         task_acks_late=True,
         task_reject_on_worker_lost=True,
+        # a job that ended failed makes its task FAILURE (for Flower): that message is done
+        task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,
         worker_cancel_long_running_tasks_on_connection_loss=False,
         # redelivery of an unacked message happens only after the visibility timeout, which

@@ -5,6 +5,12 @@ whose lease is alive elsewhere, is acknowledged and dropped). The attempt then d
 source into its own work dir, runs the engine once for every format, uploads the outputs
 (HLS segments before the playlist) and finishes the job with an atomic transition; a stop or
 failure removes what this attempt uploaded, and the work dir always goes.
+
+The Celery task's own end state tells Flower how the job ended: SUCCESS for a job that
+succeeded, FAILURE for a job that ended failed, expired, invalid or stopped (`JobFailed`,
+`JobStopped`, raised only after the record and its destinations are settled), RETRY for an
+attempt whose job will run again. A duplicate message ends SUCCESS without running anything;
+a redelivered copy of a message whose task is still running is ignored (`_dropped`).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import shlex
 import shutil
 import socket
 import threading
@@ -20,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Task
+from celery.exceptions import Ignore, Retry
 
 from tasks.app import app
 from tasks.runtime import AttemptWatcher, ProgressReporter
@@ -33,7 +41,7 @@ from transcoder.errors import (
 )
 from transcoder.models import JobRecord, JobRequest, JobState, OutputObject
 from transcoder.storage import Storage
-from transcoder.store import JobStore, error_info, new_token
+from transcoder.store import JobStore, StartOutcome, error_info, new_token
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +54,43 @@ class AttemptLost(Exception):
     """Our attempt no longer owns the job (the reaper gave it to another worker)."""
 
 
+class JobFailed(Exception):
+    """The job ended failed, expired or invalid: the Celery task ends FAILURE, so Flower tells
+    it from a success. Raised only after the job's record and destinations are settled; it is
+    in the task's `throws` (one INFO line in the worker log, no traceback), its message is
+    acknowledged (`task_acks_on_failure_or_timeout`) and nothing retries it."""
+
+
+class JobStopped(JobFailed):
+    """The job was stopped. FAILURE rather than REVOKED: Celery ranks REVOKED below a custom
+    state, so a REVOKED event after the task's PROGRESS events would leave Flower at PROGRESS."""
+
+
+#: job states that end the Celery task FAILURE (besides "stopped")
+_FAILED_STATES = {"failed", "expired", "invalid"}
+
+
+def _end_task(store: JobStore, job_id: str, state: str, result: dict[str, Any]) -> dict[str, Any]:
+    """Return `result` (SUCCESS) or raise what makes Flower show how the job ended."""
+    if state == "stopped":
+        raise JobStopped(f"job {job_id} stopped")
+    if state not in _FAILED_STATES and state != "retrying":
+        return result
+    record = store.find(job_id)
+    error = record.error if record is not None else None
+    reason = f"{error.type}: {error.message}" if error is not None else state
+    if state == "retrying":
+        # the job's next attempt is a new message (sent by `_failed`); this one only says so
+        message = f"job {job_id}: attempt failed ({reason}); it will run again"
+        raise Retry(message, exc=JobFailed(message))
+    raise JobFailed(f"job {job_id} {state}: {reason}")
+
+
 def _resolve(store: JobStore, request: Any, job_id: str | None, task_id: str) -> str | None:
     """The job this message is about, creating the record for a plain `transcode.delay(...)`.
 
-    Returns None when there is nothing to run (an invalid request, now recorded and delivered,
-    or a message for a job whose record is gone)."""
+    Returns None for a message whose job record is gone; raises JobFailed for an invalid
+    request once it is recorded and delivered."""
     if job_id:
         return job_id if store.find(job_id) is not None else None
     try:
@@ -68,10 +108,11 @@ def _resolve(store: JobStore, request: Any, job_id: str | None, task_id: str) ->
         record.error = error_info(exc)
         record.finished_at = record.created_at
         record, created = store.create(record)
-        if created:
-            store.log(record.id, str(exc))
-            service.finished(store, record)
-        return None
+        if not created:
+            return record.id  # a duplicate of an invalid request: the job store drops it
+        store.log(record.id, str(exc))
+        service.finished(store, record)
+        raise JobFailed(f"job {record.id} invalid: {exc}") from None
     payload = service.request_payload(parsed)
     record, created = store.create(service.new_record(parsed.invocation_id or task_id, payload))
     if created:
@@ -79,13 +120,58 @@ def _resolve(store: JobStore, request: Any, job_id: str | None, task_id: str) ->
     return record.id
 
 
+def _dropped(
+    store: JobStore,
+    start: StartOutcome,
+    task_id: str,
+    result: dict[str, Any],
+    *,
+    redelivered: bool,
+) -> dict[str, Any]:
+    """How a message that runs nothing ends its Celery task (the job is left as it is).
+
+    A redelivered message has the task id of the message it repeats, and Flower keeps one
+    state per task id, where a later SUCCESS overrides a FAILURE (and a FAILURE after a
+    SUCCESS is ignored). So a redelivery whose own task is still running ends with Ignore
+    (no event: the running attempt's ending is the one that counts) and a redelivery for a
+    finished job repeats that job's ending. Any other duplicate (a repeated invocation id)
+    ends SUCCESS, except the only message of a job stopped while it was queued."""
+    record = start.record
+    if record is None:
+        return result
+    if redelivered:
+        if start.outcome == "busy" and store.meta(record.id).get("task") == task_id:
+            raise Ignore
+        if start.outcome == "finished" and record.state == JobState.STOPPED:
+            raise JobStopped(f"job {record.id} stopped (a redelivered message; nothing ran)")
+        if start.outcome == "finished" and record.state.value in _FAILED_STATES:
+            reason = f": {record.error.type}: {record.error.message}" if record.error else ""
+            raise JobFailed(
+                f"job {record.id} {record.state.value}{reason} (a redelivered message; nothing ran)"
+            )
+        return result
+    if start.outcome == "finished" and record.state == JobState.STOPPED and not record.started_at:
+        raise JobStopped(f"job {record.id} stopped before it started")
+    return result
+
+
 def _valid_id(value: object) -> bool:
     return isinstance(value, str) and _JOB_ID_RE.fullmatch(value) is not None
 
 
-@app.task(bind=True, name="transcoder.transcode", acks_late=True, max_retries=None)
+@app.task(
+    bind=True,
+    name="transcoder.transcode",
+    acks_late=True,
+    acks_on_failure_or_timeout=True,
+    max_retries=None,
+    throws=(JobFailed,),
+)
 def transcode(self: Task, request: Any = None, job_id: str | None = None) -> dict[str, Any]:
-    """Run one attempt of a job (`request` as a dict; `job_id` when the service made it)."""
+    """Run one attempt of a job (`request` as a dict; `job_id` when the service made it).
+
+    Returns for a success or a dropped message; raises JobFailed / JobStopped / Retry (after
+    the record and destinations are settled) when the job ended otherwise."""
     if isinstance(request, JobRequest):
         request = service.request_payload(request)
     store = service.get_store()
@@ -95,17 +181,22 @@ def transcode(self: Task, request: Any = None, job_id: str | None = None) -> dic
         return {"job_id": job_id, "ran": False}
     worker = str(self.request.hostname or socket.gethostname())
     token = new_token(worker)
-    start = store.start(resolved, token, worker)
+    start = store.start(resolved, token, worker, task_id=task_id)
     if start.outcome != "started" or start.record is None:
+        dropped = {"job_id": resolved, "ran": False, "outcome": start.outcome}
         if start.outcome in ("stopped", "expired", "exhausted") and start.record is not None:
+            # this message ended the job (an atomic transition: a duplicate sees "finished")
             store.log(resolved, f"ended before running: {start.record.state.value}")
             service.finished(store, start.record)
-        else:
-            logger.info("job %s: message dropped (%s)", resolved, start.outcome)
-        return {"job_id": resolved, "ran": False, "outcome": start.outcome}
+            return _end_task(store, resolved, start.record.state.value, dropped)
+        logger.info("job %s: message dropped (%s)", resolved, start.outcome)
+        redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+        return _dropped(store, start, task_id, dropped, redelivered=redelivered)
     store.log(resolved, f"attempt {start.record.attempts} started on {worker}")
     state = _run_attempt(store, start.record, token, task_id, worker)
-    return {"job_id": resolved, "ran": True, "state": state}
+    if state == "lost" and store.meta(resolved).get("task") == task_id:
+        raise Ignore  # a redelivery of this very message took the job over: its ending counts
+    return _end_task(store, resolved, state, {"job_id": resolved, "ran": True, "state": state})
 
 
 def _run_attempt(store: JobStore, record: JobRecord, token: str, task_id: str, worker: str) -> str:
@@ -196,6 +287,15 @@ def _work(
     out_dir = work_dir / "out"
     out_dir.mkdir()
     started = time.monotonic()
+
+    def on_command(command: list[str]) -> None:
+        # into the record before ffmpeg starts: a failed or stopped job shows it too
+        watcher.log(f"ffmpeg command: {shlex.join(command)}")
+        try:
+            store.update_running(job_id, watcher.token, commands=[command])
+        except Exception:  # a Redis hiccup must not fail the job; the log line has it
+            logger.warning("job %s: could not record its command", job_id, exc_info=True)
+
     result = engine.transcode(
         source,
         out_dir,
@@ -207,22 +307,36 @@ def _work(
             "transcode", event.percent, fps=event.fps, speed=event.speed, eta_s=event.eta_s
         ),
         on_log=watcher.log,
+        on_command=on_command,
         cancel=cancel,
         time_limit_s=settings.job_time_limit_s,
     )
     watcher.log(f"transcoded in {time.monotonic() - started:.1f} s")
-    store.update_running(job_id, watcher.token, commands=result.commands)
     paths = [path for output in result.outputs for path in output.paths]  # playlists last
     outputs: list[OutputObject] = []
+    total_bytes = max(1, sum(path.stat().st_size for path in paths))
+    sent_bytes = 0
+
+    def on_bytes(done: int, _total: int) -> None:
+        reporter.report("upload", 100 * (sent_bytes + done) / total_bytes)
+
     reporter.report("upload", 0, force=True)
-    for number, path in enumerate(paths, start=1):
+    for path in paths:
         if cancel.is_set():
             raise CancelledError("stopped during upload")
         key = request.output_key(path.name)
         uploaded.append(key)  # before the call: a half-done upload is removed on failure
-        found = storage.upload(request.target_bucket, key, path, job_id=job_id)
+        found = storage.upload(
+            request.target_bucket,
+            key,
+            path,
+            job_id=job_id,
+            cancel=cancel,  # a stop takes effect between the parts of a large file
+            on_bytes=on_bytes,
+        )
+        sent_bytes += found.size
         outputs.append(OutputObject(key=found.key, size=found.size))
-        reporter.report("upload", 100 * number / len(paths))
+    reporter.report("upload", 100, force=True)
     if cancel.is_set():
         raise CancelledError("stopped during upload")
     return info.size, outputs

@@ -90,7 +90,9 @@ def test_stop_queued_job_then_retry(settings: Settings) -> None:
     stopped = service.stop_job(job_id, settings=settings)
     assert stopped.state == JobState.STOPPED
     client = service.get_store(settings).client
-    envelope = json.loads(client.lindex("failures", 0))
+    raw = client.lindex("failures", 0)
+    assert raw is not None, "no Stopped envelope"
+    envelope = json.loads(raw)
     assert envelope["requestContext"]["condition"] == "Stopped"
     with pytest.raises(InvalidStateError):
         service.stop_job(job_id, settings=settings)

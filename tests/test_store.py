@@ -83,7 +83,8 @@ def test_expired_lease_is_reaped_and_the_old_attempt_cannot_finish(store: JobSto
     # out of retries (max_retries=1, two attempts used): the job fails as WorkerLost
     outcome = store.reap("job_1")
     assert outcome.outcome == "exhausted" and outcome.record is not None
-    assert outcome.record.state == JobState.FAILED and outcome.record.error.type == "WorkerLost"
+    assert outcome.record.state == JobState.FAILED and outcome.record.error is not None
+    assert outcome.record.error.type == "WorkerLost"
 
 
 def test_redelivery_of_a_running_job_whose_worker_died_takes_over(store: JobStore) -> None:
@@ -91,7 +92,8 @@ def test_redelivery_of_a_running_job_whose_worker_died_takes_over(store: JobStor
     store.start("job_1", "a", "w1")
     time.sleep(0.8)
     started = store.start("job_1", "b", "w2")
-    assert started.outcome == "started" and started.record.attempts == 2
+    assert started.outcome == "started" and started.record is not None
+    assert started.record.attempts == 2
     assert [e.event for e in started.record.events][-1] == "takeover"
 
 
@@ -99,7 +101,8 @@ def test_event_age_exceeded(store: JobStore) -> None:
     old = record(created_at=datetime.now(UTC) - timedelta(hours=7))
     store.create(old)
     outcome = store.start("job_1", "a", "w1")
-    assert outcome.outcome == "expired" and outcome.record.state == JobState.EXPIRED
+    assert outcome.outcome == "expired" and outcome.record is not None
+    assert outcome.record.state == JobState.EXPIRED and outcome.record.error is not None
     assert outcome.record.error.type == "EventAgeExceeded"
     # an operator retry counts the age from the resubmission
     store.resubmit("job_1")
@@ -122,7 +125,7 @@ def test_stop_queued_running_and_finished(store: JobStore) -> None:
     # a success recorded after the stop request is refused: the caller cleans up and stops
     assert store.finish("running_1", "a", JobState.SUCCEEDED)[0] == "stop_requested"
     outcome, done = store.finish("running_1", "a", JobState.STOPPED)
-    assert outcome == "finished" and done.state == JobState.STOPPED
+    assert outcome == "finished" and done is not None and done.state == JobState.STOPPED
     assert not store.stop_requested("running_1")
     with pytest.raises(JobNotFoundError):
         store.request_stop("nope")
@@ -195,3 +198,39 @@ def test_work_dirs_of_dead_attempts_are_swept(redis_url: str, tmp_path) -> None:
     (tmp_path / "gone_job-cccccccccccc").mkdir()  # a job that ended elsewhere
     assert sorted(sweep_work_dirs(store)) == ["gone_job-cccccccccccc", "my1-480P-mp4-bbbbbbbbbbbb"]
     assert [p.name for p in tmp_path.iterdir()] == ["my1-480P-mp4-aaaaaaaaaaaa"]
+
+
+def test_a_message_that_runs_nothing_ends_its_task_as_flower_should_show_it(
+    store: JobStore,
+) -> None:
+    from celery.exceptions import Ignore
+
+    from tasks.transcode import JobFailed, JobStopped, _dropped
+
+    # a lease that cannot lapse on a loaded machine between the two starts
+    store = JobStore.from_settings(store.settings.model_copy(update={"lease_ttl_s": 60}))
+    dropped = {"ran": False}
+    store.create(record("run_1"))
+    assert store.start("run_1", "a", "w1", task_id="task-a").outcome == "started"
+    busy = store.start("run_1", "b", "w2", task_id="task-a")
+    assert busy.outcome == "busy"
+    # the broker's redelivery of the running task's own message: no ending of its own, else
+    # Flower would show that task SUCCESS and keep it so when the job fails
+    with pytest.raises(Ignore):
+        _dropped(store, busy, "task-a", dropped, redelivered=True)
+    # another message for the running job (a repeated invocation id): SUCCESS, nothing ran
+    assert _dropped(store, busy, "task-b", dropped, redelivered=False) is dropped
+    error = ErrorInfo(type="MediaError", message="not a media file")
+    assert store.finish("run_1", "a", JobState.FAILED, error=error)[0] == "finished"
+    late = store.start("run_1", "c", "w3", task_id="task-a")
+    assert late.outcome == "finished"
+    # a redelivery after the end repeats the job's ending (a SUCCESS would replace FAILURE)
+    with pytest.raises(JobFailed, match="MediaError: not a media file"):
+        _dropped(store, late, "task-a", dropped, redelivered=True)
+    assert _dropped(store, late, "task-c", dropped, redelivered=False) is dropped
+    # the one message of a job stopped while queued ends FAILURE, not SUCCESS
+    store.create(record("queued_2"))
+    store.request_stop("queued_2")
+    never = store.start("queued_2", "q", "w", task_id="task-q")
+    with pytest.raises(JobStopped, match="before it started"):
+        _dropped(store, never, "task-q", dropped, redelivered=False)

@@ -26,7 +26,12 @@ from conftest import (
 from workers import FAST_ENV, Worker, ffmpeg_processes, sample_source
 
 from transcoder import keys, service
-from transcoder.errors import ObjectNotFoundError, SourceTooLargeError, StorageError
+from transcoder.errors import (
+    CancelledError,
+    ObjectNotFoundError,
+    SourceTooLargeError,
+    StorageError,
+)
 from transcoder.models import JobRecord, JobState
 from transcoder.settings import Settings
 from transcoder.storage import Storage
@@ -101,8 +106,10 @@ def s3(moto):  # type: ignore[no-untyped-def]
     return moto.client()
 
 
-class ProgressEvents:
-    """Collects `task-progress` Celery events, as Flower receives them."""
+class TaskEvents:
+    """Collects the workers' task events, as Flower receives them."""
+
+    ENDINGS = {"task-succeeded": "SUCCESS", "task-failed": "FAILURE", "task-retried": "RETRY"}
 
     def __init__(self, settings: Settings) -> None:
         self.app = service.celery_app(settings)
@@ -113,13 +120,11 @@ class ProgressEvents:
 
     def _run(self) -> None:
         with self.app.connection_for_read() as connection:
-            self.receiver = self.app.events.Receiver(
-                connection, handlers={"task-progress": self.events.append}
-            )
+            self.receiver = self.app.events.Receiver(connection, handlers={"*": self.events.append})
             self.ready.set()
             self.receiver.capture(limit=None, timeout=None, wakeup=False)
 
-    def start(self) -> ProgressEvents:
+    def start(self) -> TaskEvents:
         self.thread.start()
         self.ready.wait(10)
         time.sleep(0.3)  # the receiver's queue is bound once it consumes
@@ -129,6 +134,27 @@ class ProgressEvents:
         self.receiver.should_stop = True  # checked between drains (about once a second)
         self.thread.join(5)
         return self.events
+
+    def progress(self, job_id: str) -> list[dict]:
+        return [e for e in self.events if e["type"] == "task-progress" and e["job_id"] == job_id]
+
+    def endings(self, job_id: str) -> list[tuple[str, str]]:
+        """(state, exception) of each ended task of the job, in order: what Flower shows."""
+        uuids = {
+            e["uuid"]
+            for e in self.events
+            if e["type"] == "task-received"
+            and e.get("name") == "transcoder.transcode"
+            and (f"job {job_id}:" in str(e.get("kwargs")) or job_id in str(e.get("args")))
+        }
+        return [
+            (self.ENDINGS[e["type"]], str(e.get("exception", "")))
+            for e in list(self.events)
+            if e["type"] in self.ENDINGS and e["uuid"] in uuids
+        ]
+
+    def ended(self, job_id: str, timeout_s: float = 20) -> list[tuple[str, str]]:
+        return wait_for(lambda: self.endings(job_id), timeout_s, f"task events of {job_id}")
 
 
 def upload(s3, bucket: str, key: str, path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -180,6 +206,27 @@ def test_storage_wrapper_maps_errors_and_streams(settings, s3, media, tmp_path) 
     too_small = Settings(**{**settings.model_dump(), "max_source_bytes": 10})
     with pytest.raises(SourceTooLargeError):
         Storage(too_small).download("store-bucket", "dir/a b+%.mp4", target)
+    # a stop during a multipart upload takes effect between parts, and leaves no object
+    big = tmp_path / "big.ts"
+    big.write_bytes(os.urandom(20 * 1024 * 1024))  # three 8 MiB parts
+    seen: list[int] = []
+    storage.upload("store-bucket", "out/whole.ts", big, on_bytes=lambda done, _: seen.append(done))
+    assert seen[-1] == big.stat().st_size
+    assert s3.stat_object("store-bucket", "out/whole.ts").size == big.stat().st_size
+    cancel = threading.Event()
+    sent: list[int] = []
+
+    def stop_after_first_part(done: int, _total: int) -> None:
+        sent.append(done)
+        cancel.set()
+
+    with pytest.raises(CancelledError):
+        storage.upload(
+            "store-bucket", "out/cut.ts", big, cancel=cancel, on_bytes=stop_after_first_part
+        )
+    assert sent and sent[-1] < big.stat().st_size
+    assert [o.object_name for o in s3.list_objects("store-bucket", prefix="out/cut")] == []
+    storage.remove("store-bucket", ["out/whole.ts"])
     unreachable = Settings(**{**settings.model_dump(), "s3_endpoint": f"127.0.0.1:{free_port()}"})
     with pytest.raises(StorageError) as caught:
         Storage(unreachable, retries=0).stat("store-bucket", "x.mp4")
@@ -188,6 +235,7 @@ def test_storage_wrapper_maps_errors_and_streams(settings, s3, media, tmp_path) 
 
 def test_seed_invocations_each_succeed_once(workers, settings, s3, media, tmp_path) -> None:  # type: ignore[no-untyped-def]
     upload(s3, "my-bucket", "480P.mp4", sample_source(media))
+    task_events = TaskEvents(settings).start()
     formats = ["mov", "mov", "flv", "avi", "m3u8"]
     ids = [f"my{n}-480P-mp4" for n in range(1, 6)]
     for job_id, fmt in zip(ids, formats, strict=True):
@@ -208,6 +256,8 @@ def test_seed_invocations_each_succeed_once(workers, settings, s3, media, tmp_pa
         assert [
             e["requestContext"]["condition"] for e in envelopes(settings, SUCCESS_LIST, job_id)
         ] == ["Success"]
+        assert {state for state, _ in task_events.ended(job_id)} == {"SUCCESS"}
+    task_events.stop()
     keys_found = {
         obj.object_name for obj in s3.list_objects("my-bucket", prefix="a/", recursive=True)
     }
@@ -247,7 +297,7 @@ def test_seed_invocations_each_succeed_once(workers, settings, s3, media, tmp_pa
 def test_plain_celery_delay_and_invalid_request(workers, settings, s3, media) -> None:  # type: ignore[no-untyped-def]
     upload(s3, "plain-bucket", "in/clip one.mp4", sample_source(media))
     app = service.celery_app(settings)
-    app.send_task(
+    good_task = app.send_task(
         "transcoder.transcode",
         args=[
             {
@@ -259,17 +309,13 @@ def test_plain_celery_delay_and_invalid_request(workers, settings, s3, media) ->
             }
         ],
     )
-    app.send_task(
-        "transcoder.transcode",
-        args=[
-            {
-                "bucket": "plain-bucket",
-                "object": "x.mp4",
-                "dst_format": "mkv",
-                "invocation_id": "bad_1",
-            }
-        ],
-    )
+    bad_request = {
+        "bucket": "plain-bucket",
+        "object": "x.mp4",
+        "dst_format": "mkv",
+        "invocation_id": "bad_1",
+    }
+    bad_task = app.send_task("transcoder.transcode", args=[bad_request])
     record = finished(
         settings,
         wait_for(
@@ -284,6 +330,17 @@ def test_plain_celery_delay_and_invalid_request(workers, settings, s3, media) ->
     )
     assert dead[0]["requestContext"]["condition"] == "InvalidRequest"
     assert dead[0]["responseContext"]["functionError"] == "Handled"
+    # the Celery result (what Flower and `AsyncResult` show) tells the two apart
+    assert wait_for(lambda: good_task.state == "SUCCESS", 30, "the good task's result")
+    assert wait_for(lambda: bad_task.state == "FAILURE", 30, "the bad task's result")
+    assert "invalid" in str(bad_task.result) and "mkv" in str(bad_task.result)
+    # a duplicate of the invalid message is dropped quietly: no second record or envelope
+    again = app.send_task("transcoder.transcode", args=[bad_request])
+    assert wait_for(lambda: again.state == "SUCCESS", 30, "the duplicate's result")
+    assert len(envelopes(settings, keys.DLQ, "bad_1")) == 1
+    log = "".join(worker.log() for worker in workers)
+    assert f"Task transcoder.transcode[{bad_task.id}] raised expected: JobFailed" in log
+    assert f"Task transcoder.transcode[{bad_task.id}] raised unexpected" not in log
 
 
 def test_truncated_source_fails_once_into_the_dlq(workers, settings, s3, media) -> None:  # type: ignore[no-untyped-def]
@@ -292,6 +349,7 @@ def test_truncated_source_fails_once_into_the_dlq(workers, settings, s3, media) 
     truncated = media / "truncated.mp4"
     truncated.write_bytes(whole[: len(whole) // 3])
     upload(s3, "bad-bucket", "truncated.mp4", truncated)
+    task_events = TaskEvents(settings).start()
     job_id = service.submit(
         {"bucket": "bad-bucket", "object": "truncated.mp4", "dst_format": "mov", "output_dir": "o"},
         settings=settings,
@@ -299,6 +357,9 @@ def test_truncated_source_fails_once_into_the_dlq(workers, settings, s3, media) 
     record = finished(settings, job_id)
     assert record.state == JobState.FAILED and record.attempts == 1
     assert record.error is not None and record.error.stderr_tail
+    # Flower shows the task FAILURE (not SUCCESS); the message was not retried
+    for state, exception in task_events.ended(job_id):
+        assert state == "FAILURE" and "JobFailed" in exception and job_id in exception
     dead = wait_for(lambda: envelopes(settings, keys.DLQ, job_id), 20, "the DLQ envelope")
     time.sleep(1)
     dead = envelopes(settings, keys.DLQ, job_id)
@@ -313,11 +374,32 @@ def test_truncated_source_fails_once_into_the_dlq(workers, settings, s3, media) 
     assert body["responsePayload"]["stderrTail"] and body["responsePayload"]["errorType"]
     assert not list(s3.list_objects("bad-bucket", prefix="o/", recursive=True))
 
+    # index first (faststart), data cut: ffmpeg starts, then the data ends early. The failed
+    # job's record and log keep the ffmpeg command line: what an operator reruns by hand
+    fast = generate_media(
+        media / "fast.mp4", duration_s=3, extra_output_args=("-movflags", "+faststart")
+    ).read_bytes()
+    (media / "cut.mp4").write_bytes(fast[: len(fast) // 2])
+    upload(s3, "bad-bucket", "cut.mp4", media / "cut.mp4")
+    cut_id = service.submit(
+        {"bucket": "bad-bucket", "object": "cut.mp4", "dst_format": "mov", "output_dir": "c"},
+        settings=settings,
+    ).record.id
+    cut = finished(settings, cut_id)
+    assert cut.state == JobState.FAILED and cut.attempts == 1, cut.error
+    (command,) = cut.commands
+    assert Path(command[0]).name == "ffmpeg" and any(arg.endswith("cut.mov") for arg in command)
+    logged = service.job_logs(cut_id, settings=settings)
+    assert sum("ffmpeg command: " in line for line in logged) == 1
+    assert [state for state, _ in task_events.ended(cut_id)] == ["FAILURE"]
+    task_events.stop()
+    assert not list(s3.list_objects("bad-bucket", prefix="c/", recursive=True))
+
 
 def test_stop_running_job_kills_ffmpeg_within_two_seconds(workers, settings, s3, media) -> None:  # type: ignore[no-untyped-def]
     clip = generate_media(media / "long.mp4", duration_s=60, size="640x480")
     upload(s3, "stop-bucket", "long.mp4", clip)
-    progress_events = ProgressEvents(settings).start()
+    task_events = TaskEvents(settings).start()
     job_id = service.submit(
         {
             "bucket": "stop-bucket",
@@ -343,12 +425,17 @@ def test_stop_running_job_kills_ffmpeg_within_two_seconds(workers, settings, s3,
     assert time.monotonic() - stopped_at <= 2.0
     record = finished(settings, job_id, 10)
     assert record.state == JobState.STOPPED
+    assert record.commands and Path(record.commands[0][0]).name == "ffmpeg"
     assert not list(s3.list_objects("stop-bucket", prefix="s/", recursive=True))
     assert not [p for p in work.iterdir() if p.name.startswith(job_id)]
     dead = wait_for(lambda: envelopes(settings, keys.DLQ, job_id), 20, "the Stopped envelope")
     assert dead[0]["requestContext"]["condition"] == "Stopped"
-    # Flower's view: task-progress events carrying the job's progress
-    seen = [event for event in progress_events.stop() if event.get("job_id") == job_id]
+    # Flower's view: task-progress events carrying the job's progress, then FAILURE (a task
+    # must not stay PROGRESS once its job stopped)
+    for state, exception in task_events.ended(job_id):
+        assert state == "FAILURE" and "JobStopped" in exception
+    task_events.stop()
+    seen = task_events.progress(job_id)
     assert seen and {"percent", "phase", "fps", "speed", "eta_s"} <= set(seen[-1])
     assert any(event["phase"] == "transcode" for event in seen)
 
@@ -365,7 +452,8 @@ def test_retry_after_missing_object(workers, settings, s3, media) -> None:  # ty
         settings=settings,
     ).record.id
     record = finished(settings, job_id)
-    assert record.state == JobState.FAILED and record.error.type == "ObjectNotFound"
+    assert record.state == JobState.FAILED and record.error is not None
+    assert record.error.type == "ObjectNotFound"
     assert record.attempts == 1  # permanent: not retried
     upload(s3, "retry-bucket", "later.mp4", sample_source(media))
     assert service.retry_job(job_id, settings=settings).state == JobState.QUEUED
@@ -377,18 +465,22 @@ def test_retry_after_missing_object(workers, settings, s3, media) -> None:  # ty
 def test_job_longer_than_visibility_timeout_runs_once(workers, settings, s3, media) -> None:  # type: ignore[no-untyped-def]
     clip = generate_media(media / "vt.mp4", duration_s=22, size="640x480")
     upload(s3, "vt-bucket", "vt.mp4", clip)
+    task_events = TaskEvents(settings).start()
     job_id = service.submit(
         {"bucket": "vt-bucket", "object": "vt.mp4", "dst_format": "webm", "copy_policy": "never"},
         settings=settings,
     ).record.id
     record = finished(settings, job_id, 120)
-    assert record.state == JobState.SUCCEEDED
+    assert record.state == JobState.SUCCEEDED and record.finished_at and record.started_at
     run_s = (record.finished_at - record.started_at).total_seconds()
     assert run_s >= 3 * int(FAST_ENV["TRANSCODER_VISIBILITY_TIMEOUT_S"]), run_s
     assert record.attempts == 1
     assert len(envelopes(settings, SUCCESS_LIST, job_id)) == 1
-    # the broker did redeliver the message meanwhile; the lease made it a no-op
+    # the broker did redeliver the message meanwhile; the lease made it a no-op, and Flower
+    # never saw the task end otherwise than SUCCESS
     assert any(f"job {job_id}: message dropped" in worker.log() for worker in workers)
+    assert {state for state, _ in task_events.ended(job_id)} == {"SUCCESS"}
+    task_events.stop()
 
 
 def test_killed_worker_job_finishes_on_another(workers, settings, s3, media) -> None:  # type: ignore[no-untyped-def]
@@ -428,6 +520,7 @@ def test_killed_worker_job_finishes_on_another(workers, settings, s3, media) -> 
 def test_storage_outage_is_retried(workers, settings, moto, media) -> None:  # type: ignore[no-untyped-def]
     moto.process.terminate()
     moto.process.wait(10)
+    task_events = TaskEvents(settings).start()
     job_id = service.submit(
         {
             "bucket": "outage-bucket",
@@ -451,6 +544,12 @@ def test_storage_outage_is_retried(workers, settings, moto, media) -> None:  # t
     assert any(
         event.event == "retrying" and "StorageError" in event.detail for event in record.events
     )
+    # Flower: the failed attempt's task RETRY, the last one SUCCESS
+    wait_for(lambda: task_events.endings(job_id)[-1:] == [("SUCCESS", "")], 20, "the success")
+    task_events.stop()
+    endings = task_events.endings(job_id)
+    assert "FAILURE" not in [state for state, _ in endings]
+    assert any(state == "RETRY" and "StorageError" in exc for state, exc in endings)
 
 
 def test_cli_submit_wait_and_status(workers, env, settings, s3, media) -> None:  # type: ignore[no-untyped-def]

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import urllib3
 from minio import Minio
@@ -74,6 +75,35 @@ def content_type(path: Path | str) -> str:
 class ObjectInfo:
     key: str
     size: int
+
+
+class _CancellableReader:
+    """A file for minio's `put_object` whose read() raises CancelledError once `cancel` is set.
+
+    minio reads each part before it sends it, so a stop takes effect between parts of a
+    multipart upload (minio then aborts the multipart upload: no object appears). Caveat of
+    minio 7.2: an aborted parallel upload leaves its two idle part threads waiting on their
+    empty queue (a few KB each), so this costs a little only when a stop hits such an upload.
+    """
+
+    def __init__(
+        self,
+        file: BinaryIO,
+        size: int,
+        cancel: threading.Event | None,
+        on_bytes: Callable[[int, int], None] | None,
+    ) -> None:
+        self._file, self._size, self._cancel, self._on_bytes = file, size, cancel, on_bytes
+        self._done = 0
+
+    def read(self, size: int = -1) -> bytes:
+        if self._cancel is not None and self._cancel.is_set():
+            raise CancelledError("stopped during upload")
+        data = self._file.read(size)
+        self._done += len(data)
+        if self._on_bytes is not None and data:
+            self._on_bytes(self._done, self._size)
+        return data
 
 
 class Storage:
@@ -167,15 +197,28 @@ class Storage:
             raise StorageError(f"download s3://{bucket}/{key}: got {done} of {info.size} bytes")
         return info
 
-    def upload(self, bucket: str, key: str, source: Path, *, job_id: str = "") -> ObjectInfo:
-        """Upload a file (multipart above one part) with its content type."""
+    def upload(
+        self,
+        bucket: str,
+        key: str,
+        source: Path,
+        *,
+        job_id: str = "",
+        cancel: threading.Event | None = None,
+        on_bytes: Callable[[int, int], None] | None = None,
+    ) -> ObjectInfo:
+        """Upload a file (multipart above one part) with its content type.
+
+        `cancel` aborts between parts (CancelledError; no object is left); `on_bytes(done,
+        total)` follows the bytes handed to the upload."""
         size = source.stat().st_size
         part_bytes = max(PART_BYTES, -(-size // MAX_PARTS))
-        with self._errors("upload", bucket, key):
-            self.client.fput_object(
+        with self._errors("upload", bucket, key), source.open("rb") as file:
+            self.client.put_object(
                 bucket,
                 key,
-                str(source),
+                _CancellableReader(file, size, cancel, on_bytes),  # type: ignore[arg-type]
+                size,
                 content_type=content_type(key),
                 metadata={WRITTEN_BY_METADATA: job_id or "yes"},
                 part_size=part_bytes,

@@ -247,8 +247,11 @@ class JobStore:
         return self.client.transaction(run, job_key, meta_key, lease_key, value_from_callable=True)
 
     # --- attempts -----------------------------------------------------------------------
-    def start(self, job_id: str, token: str, worker: str) -> StartOutcome:
-        """Make `token` the job's running attempt, or say why this delivery must not run."""
+    def start(self, job_id: str, token: str, worker: str, *, task_id: str = "") -> StartOutcome:
+        """Make `token` the job's running attempt, or say why this delivery must not run.
+
+        `task_id` (the Celery task running the attempt) is kept beside the run token: a
+        redelivery of that same message can then tell that its own task is the one running."""
         max_age_ms = self.settings.max_event_age_s * 1000
 
         def decide(rec: JobRecord | None, meta: dict[str, str], lease: str | None) -> _Change:
@@ -283,7 +286,7 @@ class JobStore:
                 _event(rec, "takeover", "the previous attempt's lease had expired")
             return _Change(
                 record=rec,
-                meta_set={"run": token},
+                meta_set={"run": token, "task": task_id},
                 lease_token=token,
                 result=StartOutcome("started", rec),
             )

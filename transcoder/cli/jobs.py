@@ -2,6 +2,10 @@
 
 Exit codes: 0 done; 1 the job failed, was not found, or the operation does not apply;
 2 a usage error (bad flags, an invalid request).
+
+The service, the job store and the Redis client are imported inside the commands: every
+`transcoder` invocation imports this module (to register the commands), and `transcoder run`
+needs none of them.
 """
 
 from __future__ import annotations
@@ -14,18 +18,15 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
-import redis
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from transcoder import service
 from transcoder.cli.app import app
-from transcoder.errors import RequestError, TranscoderError
-from transcoder.models import JobRecord, JobState
+
+if TYPE_CHECKING:
+    from transcoder.models import JobRecord
 
 console = Console()
 errors = Console(stderr=True)
@@ -43,6 +44,10 @@ def _fail(message: str, code: int = 1) -> NoReturn:
 @contextmanager
 def _reported() -> Iterator[None]:
     """Turn library errors into one line and an exit code (no tracebacks for users)."""
+    import redis
+
+    from transcoder.errors import RequestError, TranscoderError
+
     try:
         yield
     except RequestError as exc:
@@ -76,6 +81,8 @@ def parse_time(value: str | None) -> datetime | None:
 
 
 def _describe(record: JobRecord) -> None:
+    from rich.table import Table
+
     table = Table(show_header=False, box=None)
     request = record.request
     rows = [
@@ -101,6 +108,11 @@ def _describe(record: JobRecord) -> None:
 
 def _wait(job_id: str, show_bar: bool) -> JobRecord:
     """Poll the record until the job ends, with a live progress bar when asked."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from transcoder import service
+    from transcoder.models import JobState
+
     if not show_bar:
         while not (record := service.get_job(job_id)).state.finished:
             time.sleep(0.5)
@@ -141,6 +153,9 @@ def submit(
     as_json: JsonFlag = False,
 ) -> None:
     """Submit a job (flags or `-e '<json request>'`); `--wait` shows a live progress bar."""
+    from transcoder import service
+    from transcoder.models import JobState
+
     request: dict[str, Any] = {}
     if event:
         try:
@@ -180,6 +195,8 @@ def submit(
 @app.command()
 def status(job_id: str, as_json: JsonFlag = False) -> None:
     """Show one job's record."""
+    from transcoder import service
+
     with _reported():
         record = service.get_job(job_id)
     if as_json:
@@ -198,6 +215,10 @@ def list_command(
     as_json: JsonFlag = False,
 ) -> None:
     """Jobs newest first (by state-entry time with --state, else by creation time)."""
+    from rich.table import Table
+
+    from transcoder import service
+
     with _reported():
         records = service.list_jobs(
             state=state,
@@ -231,6 +252,8 @@ def logs(
     as_json: JsonFlag = False,
 ) -> None:
     """Print the job's log (lifecycle lines and ffmpeg's stderr)."""
+    from transcoder import service
+
     with _reported():
         lines = service.job_logs(job_id)
         if as_json:
@@ -265,12 +288,16 @@ def _operate(action: Callable[[str], JobRecord], job_id: str, as_json: bool, ver
 @app.command()
 def stop(job_id: str, as_json: JsonFlag = False) -> None:
     """Stop a job: a queued one never starts, a running one's ffmpeg is killed."""
+    from transcoder import service
+
     _operate(lambda job: service.stop_job(job), job_id, as_json, "stop requested")
 
 
 @app.command()
 def retry(job_id: str, as_json: JsonFlag = False) -> None:
     """Run a failed, stopped or expired job again with the same request."""
+    from transcoder import service
+
     _operate(lambda job: service.retry_job(job), job_id, as_json, "resubmitted")
 
 
