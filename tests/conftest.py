@@ -37,7 +37,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for(condition: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.05):
+def wait_for(
+    condition: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.05
+):
     """Poll `condition` until it returns something truthy; fail with `what` after the timeout."""
     deadline = time.monotonic() + timeout_s
     while True:

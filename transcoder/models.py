@@ -74,7 +74,9 @@ class EncodingOptions(BaseModel):
 
     def encoding_options(self) -> EncodingOptions:
         """Just the encoding knobs of this object (drops request or rule fields)."""
-        return EncodingOptions(**{name: getattr(self, name) for name in EncodingOptions.model_fields})
+        return EncodingOptions(
+            **{name: getattr(self, name) for name in EncodingOptions.model_fields}
+        )
 
 
 def normalize_formats(values: list[str]) -> list[str]:
