@@ -78,3 +78,14 @@ def test_encoding_options_come_out_without_request_fields() -> None:
     options = request.encoding_options()
     assert isinstance(options, EncodingOptions)
     assert (options.height, options.crf, options.copy_policy) == (360, 20, "never")
+
+
+def test_an_output_that_would_overwrite_its_source_is_refused() -> None:
+    same_place = {"bucket": "media", "object": "src/clip.mp4", "output_dir": "src"}
+    with pytest.raises(ValidationError, match="would overwrite the source object"):
+        JobRequest.model_validate({**same_place, "dst_formats": ["m3u8", "MP4"]})
+    # another format, another directory or another bucket is fine
+    assert JobRequest.model_validate({**same_place, "dst_format": "mov"}).formats == ["mov"]
+    assert JobRequest.model_validate({**same_place, "output_dir": "out", "dst_format": "mp4"})
+    other_bucket = {**same_place, "dst_format": "mp4", "output_bucket": "media-out"}
+    assert JobRequest.model_validate(other_bucket).target_bucket == "media-out"
