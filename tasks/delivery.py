@@ -1,5 +1,6 @@
-"""Destination tasks: `transcoder.deliver` (a retried delivery) and `transcoder.dest_fail`
-(the default failure destination: an alert in the log and the dead-letter list)."""
+"""Destination tasks: `transcoder.dest_fail` (the default failure destination: an alert in the
+log and the dead-letter list). Deliveries themselves go through the job store's outbox
+(`transcoder.destinations`): no delivery travels as a (countdown) broker message."""
 
 from __future__ import annotations
 
@@ -11,58 +12,27 @@ from celery import Celery
 
 from tasks.app import app
 from transcoder import keys
-from transcoder.destinations import ScheduleRetry, SendTask, attempt_delivery, resolve
+from transcoder.destinations import SendTask
 from transcoder.service import get_store, send
 
 logger = logging.getLogger(__name__)
 
 
-def delivery_hooks(celery: Celery) -> tuple[SendTask, ScheduleRetry]:
-    """How destinations reach Celery: send an envelope to a task; schedule a retry."""
+def delivery_hooks(celery: Celery) -> SendTask:
+    """How a `task:` destination reaches Celery: send the envelope to that task."""
 
     def send_task(name: str, body: dict[str, Any]) -> None:
         send(celery, name, args=[body])
 
-    def schedule_retry(
-        job_id: str,
-        reference: str,
-        condition: str,
-        body: dict[str, Any],
-        attempt: int,
-        countdown_s: float,
-    ) -> None:
-        send(
-            celery,
-            "transcoder.deliver",
-            args=[job_id, reference, condition, body, attempt],
-            countdown=countdown_s,
-        )
-
-    return send_task, schedule_retry
+    return send_task
 
 
 @app.task(name="transcoder.deliver", acks_late=True)
-def deliver(
-    job_id: str, reference: str, condition: str, body: dict[str, Any], attempt: int
-) -> bool:
-    """Another attempt to deliver a job's envelope to one destination (`reference`: its
-    redacted URI; the real one is looked up again so no token travels through the broker)."""
-    store = get_store()
-    uri = resolve(store, job_id, reference, condition)
-    if uri is None:
-        store.log(job_id, f"delivery to {reference} dropped: no longer configured")
-        return False
-    send_task, schedule_retry = delivery_hooks(app)
-    return attempt_delivery(
-        store,
-        job_id,
-        uri,
-        condition,
-        body,
-        attempt,
-        send_task=send_task,
-        schedule_retry=schedule_retry,
-    )
+def deliver(*args: Any) -> bool:
+    """Obsolete: retries used to be countdown messages of this task. A message left from an
+    older version is dropped; the outbox re-sends what is still owed."""
+    logger.info("obsolete transcoder.deliver message dropped (the outbox delivers)")
+    return False
 
 
 @app.task(name="transcoder.dest_fail", acks_late=True)

@@ -4,7 +4,9 @@
   `heartbeat_interval_s`, polls the stop flag every 0.25 s (setting the engine's cancel
   event) and flushes buffered log lines. If the process dies, the lease lapses.
 - The reaper (one thread per worker process, started when the worker is ready) finds running
-  jobs whose lease lapsed and re-enqueues them; a Redis lock lets one reaper act at a time.
+  jobs whose lease lapsed and re-enqueues them, and sends the delivery outbox's due entries
+  (failed deliveries whose backoff ran out, and deliveries whose sender died) on a few sender
+  threads; a Redis lock lets one reaper act at a time.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import shutil
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +35,25 @@ STOP_POLL_S = 0.25
 class AttemptWatcher(threading.Thread):
     """Heartbeat, stop-flag poll and log flushing for one running attempt."""
 
-    def __init__(self, store: JobStore, job_id: str, token: str, cancel: threading.Event) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        job_id: str,
+        token: str,
+        cancel: threading.Event,
+        *,
+        deadline: float | None = None,
+    ) -> None:
         super().__init__(name=f"watch-{job_id}", daemon=True)
         self.store = store
         self.job_id = job_id
         self.token = token
         self.cancel = cancel
+        #: `time.monotonic()` at which the attempt's wall-clock limit passes
+        self.deadline = deadline
         self.stop_requested = False
         self.lease_lost = False
+        self.timed_out = False
         self._done = threading.Event()
         self._lines: list[str] = []
         self._lines_lock = threading.Lock()
@@ -59,6 +73,10 @@ class AttemptWatcher(threading.Thread):
     def run(self) -> None:
         next_beat = time.monotonic() + self.store.settings.heartbeat_interval_s
         while not self._done.wait(STOP_POLL_S):
+            if self.deadline is not None and not self.timed_out:
+                if time.monotonic() >= self.deadline:
+                    self.timed_out = True  # the attempt ends with TimeLimitError
+                    self.cancel.set()
             try:
                 if not self.stop_requested and self.store.stop_requested(self.job_id):
                     self.stop_requested = True
@@ -148,6 +166,43 @@ def sweep_work_dirs(store: JobStore) -> list[str]:
 
 _reaper_stop = threading.Event()
 
+#: outbox entries sent at once by this process's reaper (each send is bounded by its timeout)
+SENDERS = 4
+_senders: ThreadPoolExecutor | None = None
+_in_flight = threading.BoundedSemaphore(SENDERS)
+
+
+def send_due_deliveries(store: JobStore, app: Celery) -> list[str]:
+    """Claim due outbox entries (as many as there are idle sender threads) and send them in
+    the background: a slow destination never holds up the reaping of jobs."""
+    from tasks.delivery import delivery_hooks
+    from transcoder.destinations import CLAIM_WINDOW_S, send_claimed
+
+    global _senders
+    if _senders is None:
+        _senders = ThreadPoolExecutor(SENDERS, thread_name_prefix="deliver")
+    send_task = delivery_hooks(app)
+    claimed = []
+    for delivery_id in store.due_deliveries(SENDERS):
+        if not _in_flight.acquire(blocking=False):
+            break
+        token = store.claim_delivery(delivery_id, CLAIM_WINDOW_S)
+        if token is None:
+            _in_flight.release()
+            continue
+        claimed.append(delivery_id)
+
+        def run(delivery_id: str = delivery_id, token: str = token) -> None:
+            try:
+                send_claimed(store, delivery_id, token, send_task=send_task)
+            except Exception:  # the claim runs out and a later sweep sends it again
+                logger.warning("delivery %s failed", delivery_id, exc_info=True)
+            finally:
+                _in_flight.release()
+
+        _senders.submit(run)
+    return claimed
+
 
 def reap_once(store: JobStore, app: Celery) -> list[str]:
     """One sweep (if this process holds the lock): returns the ids it acted on."""
@@ -168,6 +223,7 @@ def reap_once(store: JobStore, app: Celery) -> list[str]:
             service.enqueue(job_id, outcome.record.request, settings=store.settings)
         else:
             store.log(job_id, f"worker lost; job ended {outcome.record.state.value}")
+            _remove_temporary_objects(store, outcome.record.id, outcome.record.request)
             service.finished(store, outcome.record, settings=store.settings)
     # by now the broker would have delivered or restored any message of these jobs; a
     # duplicate message is harmless (the job store lets one attempt start)
@@ -176,7 +232,22 @@ def reap_once(store: JobStore, app: Celery) -> list[str]:
         acted.append(record.id)
         store.log(record.id, "no message for this waiting job; re-enqueued")
         service.enqueue(record.id, record.request, settings=settings)
+    send_due_deliveries(store, app)
     return acted
+
+
+def _remove_temporary_objects(store: JobStore, job_id: str, request: dict[str, Any]) -> None:
+    """A job ended because its worker died (no attempt follows): the dead attempt's
+    temporary upload objects go (best effort; a bucket lifecycle rule is the backstop)."""
+    from tasks.transcode import Uploads
+    from transcoder.models import JobRequest
+    from transcoder.storage import Storage
+
+    try:
+        uploads = Uploads(JobRequest.model_validate(request), job_id, attempt="")
+        Storage(store.settings).remove_prefix(uploads.request.target_bucket, uploads.job_temp_root)
+    except Exception as exc:
+        store.log(job_id, f"could not remove the dead attempt's temporary objects: {exc}")
 
 
 def _reaper_loop(app: Celery) -> None:

@@ -2,9 +2,13 @@
 
 Every delivered message first asks the job store whether it may start (a finished job, or one
 whose lease is alive elsewhere, is acknowledged and dropped). The attempt then downloads the
-source into its own work dir, runs the engine once for every format, uploads the outputs
-(HLS segments before the playlist) and finishes the job with an atomic transition; a stop or
-failure removes what this attempt uploaded, and the work dir always goes.
+source into its own work dir, runs the engine once for every format, uploads the outputs under
+its own temporary prefix (`{output_dir}/.transcoder-tmp/{job}/{attempt}/`), copies them into
+place server-side (HLS segments before the playlist), deletes the temporary objects and
+finishes the job with an atomic transition. A stop or failure removes only what this attempt
+wrote: its temporary objects, and the final keys it already copied whose metadata still names
+this attempt; never an object another job wrote under the same keys. The work dir always goes,
+and the whole attempt (download, transcode, upload) is bounded by `job_time_limit_s`.
 
 The Celery task's own end state tells Flower how the job ended: SUCCESS for a job that
 succeeded, FAILURE for a job that ended failed, expired, invalid or stopped (`JobFailed`,
@@ -23,6 +27,7 @@ import shutil
 import socket
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +42,11 @@ from transcoder.errors import (
     InsufficientDiskError,
     InternalError,
     RequestError,
+    TimeLimitError,
     TranscoderError,
 )
 from transcoder.models import JobRecord, JobRequest, JobState, OutputObject
-from transcoder.storage import Storage
+from transcoder.storage import UPLOAD_TEMP_DIR, Storage
 from transcoder.store import JobStore, StartOutcome, error_info, new_token
 
 logger = logging.getLogger(__name__)
@@ -64,6 +70,33 @@ class JobFailed(Exception):
 class JobStopped(JobFailed):
     """The job was stopped. FAILURE rather than REVOKED: Celery ranks REVOKED below a custom
     state, so a REVOKED event after the task's PROGRESS events would leave Flower at PROGRESS."""
+
+
+TEMP_DIR = UPLOAD_TEMP_DIR
+
+
+@dataclass
+class Uploads:
+    """Where one attempt writes: its temporary prefix, and the final keys it copied to."""
+
+    request: JobRequest
+    job_id: str
+    attempt: str  # the attempt token's unique suffix (also in each object's metadata)
+    started: bool = False
+    placed: list[str] = field(default_factory=list)
+
+    @property
+    def job_temp_root(self) -> str:
+        """Every attempt's temporary prefix of this job lies under this one."""
+        return self.request.output_key(f"{TEMP_DIR}/{self.job_id}/")
+
+    @property
+    def temp_prefix(self) -> str:
+        return f"{self.job_temp_root}{self.attempt}/"
+
+    def temp_key(self, name: str) -> str:
+        # `.part`: no trigger rule's suffix filter (`.mp4`, ...) matches a temporary object
+        return f"{self.temp_prefix}{name}.part"
 
 
 #: job states that end the Celery task FAILURE (besides "stopped")
@@ -204,11 +237,14 @@ def _run_attempt(store: JobStore, record: JobRecord, token: str, task_id: str, w
     request = JobRequest.model_validate(record.request)
     settings = store.settings
     cancel = threading.Event()
-    watcher = AttemptWatcher(store, job_id, token, cancel)
+    # the wall-clock limit bounds the whole attempt: the watcher cancels it when it passes
+    deadline = time.monotonic() + settings.job_time_limit_s
+    watcher = AttemptWatcher(store, job_id, token, cancel, deadline=deadline)
     reporter = ProgressReporter(app, store, job_id, token, task_id, worker)
-    work_dir = Path(settings.work_dir) / f"{job_id}-{token.rsplit('/', 1)[-1]}"
+    attempt_id = token.rsplit("/", 1)[-1]
+    work_dir = Path(settings.work_dir) / f"{job_id}-{attempt_id}"
     storage = Storage(settings)
-    uploaded: list[str] = []
+    uploads = Uploads(request, job_id, attempt_id)
     source_bytes = 0
     # an earlier attempt of this job on this machine died (we own the job now): its files go
     # (exact match: the glob also finds other jobs whose id starts with "{job_id}-")
@@ -219,7 +255,7 @@ def _run_attempt(store: JobStore, record: JobRecord, token: str, task_id: str, w
     try:
         try:
             source_bytes, outputs = _work(
-                request, storage, store, job_id, work_dir, cancel, watcher, reporter, uploaded
+                request, storage, store, job_id, work_dir, cancel, watcher, reporter, uploads
             )
             if watcher.lease_lost:
                 raise AttemptLost
@@ -238,7 +274,7 @@ def _run_attempt(store: JobStore, record: JobRecord, token: str, task_id: str, w
             shutil.rmtree(work_dir, ignore_errors=True)
             watcher.flush()
             return _failed(
-                store, job_id, token, request, storage, uploaded, exc, watcher, source_bytes
+                store, job_id, token, request, storage, uploads, exc, watcher, source_bytes
             )
         assert final is not None
         store.log(job_id, f"succeeded: {len(outputs)} object(s) in s3://{request.target_bucket}")
@@ -258,9 +294,10 @@ def _work(
     cancel: threading.Event,
     watcher: AttemptWatcher,
     reporter: ProgressReporter,
-    uploaded: list[str],
+    uploads: Uploads,
 ) -> tuple[int, list[OutputObject]]:
-    """Download, transcode, upload; returns (source bytes, outputs)."""
+    """Download, transcode, upload (temporary keys, then copied into place); returns
+    (source bytes, outputs)."""
     from transcoder import engine
 
     settings = store.settings
@@ -296,6 +333,9 @@ def _work(
         except Exception:  # a Redis hiccup must not fail the job; the log line has it
             logger.warning("job %s: could not record its command", job_id, exc_info=True)
 
+    remaining_s = (watcher.deadline or float("inf")) - time.monotonic()
+    if remaining_s <= 0:
+        raise TimeLimitError("the time limit passed before transcoding began")
     result = engine.transcode(
         source,
         out_dir,
@@ -309,7 +349,7 @@ def _work(
         on_log=watcher.log,
         on_command=on_command,
         cancel=cancel,
-        time_limit_s=settings.job_time_limit_s,
+        time_limit_s=remaining_s if watcher.deadline is not None else None,
     )
     watcher.log(f"transcoded in {time.monotonic() - started:.1f} s")
     paths = [path for output in result.outputs for path in output.paths]  # playlists last
@@ -321,21 +361,43 @@ def _work(
         reporter.report("upload", 100 * (sent_bytes + done) / total_bytes)
 
     reporter.report("upload", 0, force=True)
+    bucket = request.target_bucket
+    uploads.started = True
+    try:  # temporary objects of this job's dead attempts (this attempt owns the job now)
+        storage.remove_prefix(bucket, uploads.job_temp_root)
+    except TranscoderError as exc:
+        watcher.log(f"could not remove earlier attempts' temporary objects: {exc}")
+    sizes: dict[str, int] = {}
     for path in paths:
         if cancel.is_set():
             raise CancelledError("stopped during upload")
-        key = request.output_key(path.name)
-        uploaded.append(key)  # before the call: a half-done upload is removed on failure
         found = storage.upload(
-            request.target_bucket,
-            key,
+            bucket,
+            uploads.temp_key(path.name),
             path,
             job_id=job_id,
+            attempt=uploads.attempt,
+            content_key=path.name,
             cancel=cancel,  # a stop takes effect between the parts of a large file
             on_bytes=on_bytes,
         )
         sent_bytes += found.size
-        outputs.append(OutputObject(key=found.key, size=found.size))
+        sizes[path.name] = found.size
+    # into place: server-side copies, HLS segments before the playlist
+    for path in paths:
+        if cancel.is_set():
+            raise CancelledError("stopped during upload")
+        key = request.output_key(path.name)
+        uploads.placed.append(key)  # before the call: on failure it goes, if still ours
+        storage.copy(
+            bucket, uploads.temp_key(path.name), key, job_id=job_id, attempt=uploads.attempt
+        )
+        outputs.append(OutputObject(key=key, size=sizes[path.name]))
+    try:
+        storage.remove_many(bucket, [uploads.temp_key(path.name) for path in paths])
+    except TranscoderError as exc:  # the outputs are in place; a later attempt's sweep or a
+        # bucket lifecycle rule on `.transcoder-tmp/` removes the rest
+        watcher.log(f"could not remove the temporary objects: {exc}")
     reporter.report("upload", 100, force=True)
     if cancel.is_set():
         raise CancelledError("stopped during upload")
@@ -348,21 +410,18 @@ def _failed(
     token: str,
     request: JobRequest,
     storage: Storage,
-    uploaded: list[str],
+    uploads: Uploads,
     exc: Exception,
     watcher: AttemptWatcher,
     source_bytes: int,
 ) -> str:
-    """End a failed attempt: clean the bucket, then stop, retry later or fail the job."""
+    """End a failed attempt: remove what it wrote, then stop, retry later or fail the job."""
     if watcher.lease_lost:
-        # the attempt now owning the job writes the same keys: leave the bucket to it
+        # the attempt now owning the job writes the final keys: only our temporary ones go
+        _remove_own(store, storage, uploads, placed=False)
         store.log(job_id, "attempt lost its lease; another attempt owns the job")
         return "lost"
-    if uploaded:
-        try:
-            storage.remove(request.target_bucket, uploaded)
-        except TranscoderError as cleanup:
-            store.log(job_id, f"could not remove partial outputs: {cleanup}")
+    _remove_own(store, storage, uploads, placed=True)
     if isinstance(exc, TranscoderError):
         error = exc
     else:
@@ -371,6 +430,14 @@ def _failed(
     stop_requested = watcher.stop_requested or store.stop_requested(job_id)
     if isinstance(error, CancelledError) and stop_requested:
         state = JobState.STOPPED
+    elif watcher.timed_out or isinstance(error, TimeLimitError):
+        limit_s = store.settings.job_time_limit_s
+        error = TimeLimitError(
+            f"the job ran longer than its wall-clock limit of {limit_s:g} s "
+            "(TRANSCODER_JOB_TIME_LIMIT_S)",
+            stderr_tail=error.stderr_tail,
+        )
+        state = JobState.FAILED
     elif isinstance(error, RequestError):
         state = JobState.INVALID
     elif error.retryable and store.can_retry(job_id):
@@ -391,6 +458,24 @@ def _failed(
         store.log(job_id, "ffmpeg stderr (tail):", *error.stderr_tail.splitlines()[-20:])
     service.finished(store, final, bytes_in=source_bytes)
     return final.state.value
+
+
+def _remove_own(store: JobStore, storage: Storage, uploads: Uploads, *, placed: bool) -> None:
+    """Remove this attempt's temporary objects and (with `placed`) the final keys it copied
+    whose metadata still names this attempt: never what another job (or attempt) wrote."""
+    if not uploads.started:
+        return
+    bucket, job_id = uploads.request.target_bucket, uploads.job_id
+    try:
+        storage.remove_prefix(bucket, uploads.temp_prefix)
+        ours = [
+            key
+            for key in (uploads.placed if placed else [])
+            if storage.written_by(bucket, key) == (job_id, uploads.attempt)
+        ]
+        storage.remove_many(bucket, ours)
+    except TranscoderError as cleanup:
+        store.log(job_id, f"could not remove this attempt's objects: {cleanup}")
 
 
 def _backoff_s(attempt: int, store: JobStore) -> float:

@@ -234,3 +234,24 @@ def test_a_message_that_runs_nothing_ends_its_task_as_flower_should_show_it(
     never = store.start("queued_2", "q", "w", task_id="task-q")
     with pytest.raises(JobStopped, match="before it started"):
         _dropped(store, never, "task-q", dropped, redelivered=False)
+
+
+def test_each_ending_owes_one_delivery_in_the_same_transaction(store: JobStore) -> None:
+    """The outbox entry appears with the finishing transition (failure destination: the
+    default dead-letter task), once per ending, and never for a refused finish."""
+    store.create(record())
+    store.start("job_1", "a", "w1")
+    assert store.client.zcard(keys.DELIVERIES_PENDING) == 0  # nothing owed while it runs
+    assert store.finish("job_1", "b", JobState.FAILED)[0] == "lost"
+    assert store.client.zcard(keys.DELIVERIES_PENDING) == 0
+    _, done = store.finish("job_1", "a", JobState.FAILED, error=ErrorInfo(type="X", message="y"))
+    assert done is not None and done.finished_at is not None
+    owed = store.client.zrange(keys.DELIVERIES_PENDING, 0, -1)
+    finished_ms = int(done.finished_at.timestamp() * 1000)
+    assert owed == [keys.delivery_id("job_1", 1, "RetriesExhausted", finished_ms)]
+    body = store.delivery_state(owed[0])["envelope"]
+    assert '"condition": "RetriesExhausted"' in body and '"requestId": "job_1"' in body
+    # a retried job that ends again owes a second, separate delivery
+    store.resubmit("job_1")
+    store.request_stop("job_1")
+    assert store.client.zcard(keys.DELIVERIES_PENDING) == 2

@@ -288,3 +288,22 @@ def test_rules_cache_rereads_a_changed_file(tmp_path: Path) -> None:
     path.write_text(json.dumps(RULES))
     assert len(cache.get()) == 2
     assert RulesCache(None).get() == []
+
+
+def test_an_attempts_temporary_upload_never_triggers_a_job() -> None:
+    rules = parse_rules([{"bucket": "media", "dst_formats": ["mp4"], "output_dir": "out/{stem}"}])
+    body = {
+        "Records": [
+            {
+                "eventName": "ObjectCreated:Put",
+                "s3": {
+                    "bucket": {"name": "media"},
+                    "object": {"key": "x/.transcoder-tmp/job1/1/clip.mp4.part", "eTag": "e1"},
+                },
+            }
+        ]
+    }
+    (event,) = parse_event(body)
+    decision = plan_jobs(event, rules)
+    assert not decision.requests
+    assert decision.ignored == "object was written by the service"

@@ -202,6 +202,18 @@ def test_storage_wrapper_maps_errors_and_streams(settings, s3, media, tmp_path) 
         storage.download("store-bucket", "missing.mp4", target)
     with pytest.raises(ObjectNotFoundError):
         storage.stat("no-such-bucket", "x.mp4")
+    # server-side copy into place: the final key's content type, the service's metadata
+    storage.upload("store-bucket", "tmp/x.m3u8.part", target, job_id="j1", attempt="a1",
+                   content_key="x.m3u8")  # fmt: skip
+    storage.copy("store-bucket", "tmp/x.m3u8.part", "out/y.m3u8", job_id="j1", attempt="a1")
+    copied = s3.stat_object("store-bucket", "out/y.m3u8")
+    assert copied.size == target.stat().st_size
+    assert copied.content_type == "application/vnd.apple.mpegurl"
+    assert storage.written_by("store-bucket", "out/y.m3u8") == ("j1", "a1")
+    assert storage.written_by("store-bucket", "out/none.m3u8") is None
+    storage.remove_many("store-bucket", ["tmp/x.m3u8.part", "out/y.m3u8", "out/none.m3u8"])
+    assert [o.object_name for o in s3.list_objects("store-bucket", recursive=True)
+            if str(o.object_name).startswith(("tmp/", "out/y"))] == []  # fmt: skip
     assert storage.remove_prefix("store-bucket", "out/") == 1
     too_small = Settings(**{**settings.model_dump(), "max_source_bytes": 10})
     with pytest.raises(SourceTooLargeError):

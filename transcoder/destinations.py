@@ -1,10 +1,17 @@
 """Where job records go when a job ends (SPEC §6): the envelope and the destination kinds.
 
 A destination is a URI: `task:<celery task name>`, `redis-list:<key>`, `redis-stream:<key>`
-or an `http(s)://` URL (POST). Each completion is delivered once (a set-once guard key per
-job, attempt and condition); a failed delivery is handed to `schedule_retry` (the Celery task
-`transcoder.deliver` retries it with backoff) and every outcome is recorded on the job.
-To add a destination kind, add a branch to `send`.
+or an `http(s)://` URL (POST). To add a destination kind, add a branch to `send`.
+
+Delivery goes through an outbox (`keys.DELIVERIES_PENDING`): the job store writes the entry,
+with the envelope, in the same transaction that ends the job, so a worker dying right after
+cannot lose it. A sender claims a due entry for `CLAIM_WINDOW_S` (one sender at a time), sends
+it to every destination not yet done, records each outcome on the job, and then removes the
+entry, or, after a failure, makes it due again after a backoff. The reaper sends entries that
+are due: retries, and entries whose sender died (its claim ran out). Delivery is therefore
+at least once, always with the same envelope (receivers deduplicate by `requestId`); in the
+normal path each completion is sent once. `redis-list` and `redis-stream` destinations are
+marked done in the same transaction as the push: exactly once.
 """
 
 from __future__ import annotations
@@ -31,11 +38,12 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 FUNCTION_ARN = "transcoder.transcode"
 HTTP_TIMEOUT_S = 10.0
 
+#: a claimed outbox entry not done within this window is sent again by a reaper (the send
+#: itself is bounded by the HTTP timeout; the margin covers recording the outcome)
+CLAIM_WINDOW_S = HTTP_TIMEOUT_S + 5.0
+
 #: sends `envelope` to the Celery task `name` (the Celery app provides it)
 SendTask = Callable[[str, dict[str, Any]], None]
-#: schedules another delivery attempt: (job_id, redacted uri, condition, envelope, attempt,
-#: countdown_s); the redacted URI keeps tokens out of the broker, `resolve` finds the real one
-ScheduleRetry = Callable[[str, str, str, dict[str, Any], int, float], None]
 
 
 class DeliveryError(Exception):
@@ -106,16 +114,32 @@ def redact(uri: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-def send(uri: str, body: dict[str, Any], *, store: JobStore, send_task: SendTask) -> None:
-    """Deliver one envelope to one destination URI; DeliveryError on failure."""
+def send(
+    uri: str,
+    body: dict[str, Any],
+    *,
+    store: JobStore,
+    send_task: SendTask,
+    done: tuple[str, str] | None = None,
+) -> None:
+    """Deliver one envelope to one destination URI; DeliveryError on failure.
+
+    `done` (delivery id, destination): for Redis destinations, mark it done in the outbox in
+    the same transaction as the push."""
     kind, _, target = uri.partition(":")
     try:
         if kind == "task" and target:
             send_task(target, body)
-        elif kind == "redis-list" and target:
-            store.client.rpush(target, json.dumps(body))
-        elif kind == "redis-stream" and target:
-            store.client.xadd(target, {"envelope": json.dumps(body)})
+        elif kind in ("redis-list", "redis-stream") and target:
+            pipe = store.client.pipeline(transaction=True)
+            if kind == "redis-list":
+                pipe.rpush(target, json.dumps(body))
+            else:
+                pipe.xadd(target, {"envelope": json.dumps(body)})
+            if done is not None:
+                pipe.hset(keys.delivery(done[0]), f"done:{done[1]}", "delivered")
+                pipe.expire(keys.delivery(done[0]), store.settings.record_retention_s)
+            pipe.execute()
         elif kind in ("http", "https"):
             response = httpx.post(uri, json=body, timeout=HTTP_TIMEOUT_S)
             if response.status_code >= 300:
@@ -128,17 +152,6 @@ def send(uri: str, body: dict[str, Any], *, store: JobStore, send_task: SendTask
         raise DeliveryError(f"{redact(uri)}: {type(exc).__name__}") from None
 
 
-def resolve(store: JobStore, job_id: str, reference: str, condition: str) -> str | None:
-    """The real destination URI behind a redacted `reference` (None if no longer configured)."""
-    record = store.find(job_id)
-    if record is None:
-        return None
-    for uri in destination_uris(record, condition, store.settings):
-        if redact(uri) == reference:
-            return uri
-    return None
-
-
 def backoff_s(attempt: int, settings: Settings) -> float:
     """Delay before delivery attempt `attempt + 1`: exponential, capped."""
     return float(
@@ -146,71 +159,65 @@ def backoff_s(attempt: int, settings: Settings) -> float:
     )
 
 
-def attempt_delivery(
-    store: JobStore,
-    job_id: str,
-    uri: str,
-    condition: str,
-    body: dict[str, Any],
-    attempt: int,
-    *,
-    send_task: SendTask,
-    schedule_retry: ScheduleRetry,
-) -> bool:
-    """One delivery attempt; records its status and schedules the next attempt on failure."""
-    status = DestinationStatus(uri=redact(uri), condition=condition, attempts=attempt)
-    try:
-        send(uri, body, store=store, send_task=send_task)
-    except DeliveryError as exc:
-        status.last_error = str(exc)
-        final = attempt >= store.settings.delivery_max_attempts
-        status.status = "failed" if final else "pending"
-        store.set_destination(job_id, status)
-        store.log(job_id, f"delivery to {redact(uri)} failed (attempt {attempt}): {exc}")
-        if final:
-            logger.error("job %s: giving up delivering %s to %s", job_id, condition, redact(uri))
-        else:
-            schedule_retry(
-                job_id,
-                redact(uri),
-                condition,
-                body,
-                attempt + 1,
-                backoff_s(attempt, store.settings),
-            )
+def delivery_id_of(record: JobRecord) -> str:
+    """The outbox entry of a finished record (see `JobStore._outbox_entry`)."""
+    finished = record.finished_at or record.created_at
+    return keys.delivery_id(
+        record.id, record.attempts, condition_of(record), int(finished.timestamp() * 1000)
+    )
+
+
+def deliver_pending(store: JobStore, delivery_id: str, *, send_task: SendTask) -> bool:
+    """Claim the outbox entry `delivery_id` and send it. False when it is not due: another
+    sender holds it, or it is done."""
+    token = store.claim_delivery(delivery_id, CLAIM_WINDOW_S)
+    if token is None:
         return False
-    status.status = "delivered"
-    status.delivered_at = now_utc()
-    store.set_destination(job_id, status)
-    store.log(job_id, f"delivered {condition} to {redact(uri)}")
+    send_claimed(store, delivery_id, token, send_task=send_task)
     return True
 
 
-def deliver_once(
-    store: JobStore,
-    record: JobRecord,
-    *,
-    send_task: SendTask,
-    schedule_retry: ScheduleRetry,
-    condition: str | None = None,
-) -> bool:
-    """Deliver a finished job's envelope to its destinations, unless already done for this
-    attempt and condition. Returns False when the guard says it was delivered before."""
-    condition = condition or condition_of(record)
-    finished_ms = int(record.finished_at.timestamp() * 1000) if record.finished_at else 0
-    guard = keys.delivery_guard(record.id, record.attempts, condition, finished_ms)
-    if not store.client.set(guard, "1", nx=True, ex=store.settings.record_retention_s):
-        return False
-    body = envelope(record, condition)
+def send_claimed(store: JobStore, delivery_id: str, token: str, *, send_task: SendTask) -> None:
+    """Send a claimed entry to each of its destinations not yet done; record every outcome;
+    then remove the entry, or make it due again after a backoff if a destination failed."""
+    job_id, _, rest = delivery_id.partition(":")
+    condition = rest.split(":")[1] if rest.count(":") >= 2 else ""
+    state = store.delivery_state(delivery_id)
+    record = store.find(job_id)
+    if record is None or "envelope" not in state:  # aged out, or done by another sender
+        store.complete_delivery(delivery_id)
+        return
+    body = json.loads(state["envelope"])
+    retry_in_s: float | None = None
     for uri in destination_uris(record, condition, store.settings):
-        attempt_delivery(
-            store,
-            record.id,
-            uri,
-            condition,
-            body,
-            1,
-            send_task=send_task,
-            schedule_retry=schedule_retry,
-        )
-    return True
+        reference = redact(uri)
+        if state.get(f"done:{reference}"):
+            continue  # delivered (or given up) by an earlier send of this entry
+        attempt = store.count_delivery_attempt(delivery_id, reference)
+        if attempt < 0:
+            return  # the entry was completed meanwhile (a sender whose claim had run out)
+        status = DestinationStatus(uri=reference, condition=condition, attempts=attempt)
+        try:
+            send(uri, body, store=store, send_task=send_task, done=(delivery_id, reference))
+        except DeliveryError as exc:
+            status.last_error = str(exc)
+            final = attempt >= store.settings.delivery_max_attempts
+            status.status = "failed" if final else "pending"
+            store.set_destination(job_id, status)
+            store.log(job_id, f"delivery to {reference} failed (attempt {attempt}): {exc}")
+            if final:
+                store.mark_destination_done(delivery_id, reference, "failed")
+                logger.error("job %s: giving up delivering %s to %s", job_id, condition, reference)
+            else:
+                delay_s = backoff_s(attempt, store.settings)
+                retry_in_s = delay_s if retry_in_s is None else min(retry_in_s, delay_s)
+            continue
+        store.mark_destination_done(delivery_id, reference, "delivered")
+        status.status = "delivered"
+        status.delivered_at = now_utc()
+        store.set_destination(job_id, status)
+        store.log(job_id, f"delivered {condition} to {reference}")
+    if retry_in_s is None:
+        store.complete_delivery(delivery_id)
+    elif not store.reschedule_delivery(delivery_id, token, retry_in_s):
+        logger.warning("job %s: delivery %s was claimed by another sender", job_id, delivery_id)

@@ -41,12 +41,24 @@ def state_index(state: str) -> str:
     return f"{PREFIX}:state:{state}"
 
 
-def delivery_guard(job_id: str, attempt: int, condition: str, finished_ms: int = 0) -> str:
-    """Set-once marker so a job completion is delivered to its destinations only once.
+#: the delivery outbox: a sorted set of pending deliveries (members `delivery_id`), scored by
+#: the time (ms) from which a reaper may (re)send each one. An entry is written in the same
+#: transaction as the job's finishing transition and removed once every destination is done.
+DELIVERIES_PENDING = f"{PREFIX}:deliveries:pending"
 
-    `finished_ms` (when the job ended) tells apart two completions with the same attempt count,
-    e.g. a job stopped while queued, retried, and stopped again before it ever ran."""
-    return f"{PREFIX}:job:{job_id}:delivered:{attempt}:{condition}:{finished_ms}"
+
+def delivery_id(job_id: str, attempt: int, condition: str, finished_ms: int) -> str:
+    """One completion to deliver: `finished_ms` (when the job ended) tells apart two
+    completions with the same attempt count (a job stopped while queued, retried, and stopped
+    again before it ran)."""
+    return f"{job_id}:{attempt}:{condition}:{finished_ms}"
+
+
+def delivery(delivery_id: str) -> str:
+    """Hash of one outbox entry: `envelope` (JSON, fixed when the job ended, so every resend is
+    the same), `claim` (the sender holding it), and per destination (its redacted URI)
+    `attempts:<uri>` and `done:<uri>` (delivered | failed). Record retention; deleted when done."""
+    return f"{PREFIX}:delivery:{delivery_id}"
 
 
 def trigger_seen(event_digest: str) -> str:

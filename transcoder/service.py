@@ -211,13 +211,16 @@ def stats(*, settings: Settings | None = None) -> dict[str, Any]:
 def finished(
     store: JobStore, record: JobRecord, *, bytes_in: int = 0, settings: Settings | None = None
 ) -> None:
-    """Everything owed to a job that just ended: its destinations (once) and the metrics."""
+    """Everything owed to a job that just ended: its destinations and the metrics."""
     from tasks.delivery import delivery_hooks
-    from transcoder.destinations import deliver_once
+    from transcoder.destinations import deliver_pending, delivery_id_of
 
-    send_task, schedule_retry = delivery_hooks(celery_app(settings))
+    # the job store put the delivery in its outbox when the job ended; send it now (a reaper
+    # re-sends it if this process dies first, or when a destination failed)
     try:
-        deliver_once(store, record, send_task=send_task, schedule_retry=schedule_retry)
+        deliver_pending(
+            store, delivery_id_of(record), send_task=delivery_hooks(celery_app(settings))
+        )
     except Exception:  # a broken destination must not lose the job's end state
         logger.exception("job %s: delivering its record failed", record.id)
     try:

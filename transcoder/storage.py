@@ -1,4 +1,5 @@
-"""The S3/MinIO client wrapper: streaming download, multipart upload, listing, removal.
+"""The S3/MinIO client wrapper: streaming download, multipart upload, server-side copy,
+listing, removal.
 
 Every minio/urllib3 error leaves here as a TranscoderError: a missing bucket or object is
 permanent (ObjectNotFoundError), refused credentials are permanent (StorageAccessError),
@@ -18,6 +19,8 @@ from typing import BinaryIO
 
 import urllib3
 from minio import Minio
+from minio.commonconfig import REPLACE, CopySource
+from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, S3Error, ServerError
 
 from transcoder.errors import (
@@ -39,7 +42,11 @@ PART_BYTES = 8 * 1024 * 1024
 PARALLEL_PARTS = 2
 MAX_PARTS = 9000
 #: metadata on every object the service writes, so upload triggers can ignore our outputs
+#: the folder (under an output dir) where attempts upload before copying into place
+UPLOAD_TEMP_DIR = ".transcoder-tmp"
 WRITTEN_BY_METADATA = "transcoder-job"
+#: metadata naming the attempt that wrote an object: cleanup removes only its own objects
+ATTEMPT_METADATA = "transcoder-attempt"
 
 _CONTENT_TYPES = {
     ".m3u8": "application/vnd.apple.mpegurl",
@@ -183,7 +190,9 @@ class Storage:
             response = self.client.get_object(bucket, key)
             try:
                 with destination.open("wb") as sink:
-                    for chunk in response.stream(CHUNK_BYTES):
+                    # read1: whatever arrived, at most a chunk, so a stop (or the job's time
+                    # limit) takes effect within moments even when the store trickles bytes
+                    while chunk := response.read1(CHUNK_BYTES):
                         if cancel is not None and cancel.is_set():
                             raise CancelledError("stopped during download")
                         sink.write(chunk)
@@ -204,14 +213,20 @@ class Storage:
         source: Path,
         *,
         job_id: str = "",
+        attempt: str = "",
+        content_key: str | None = None,
         cancel: threading.Event | None = None,
         on_bytes: Callable[[int, int], None] | None = None,
     ) -> ObjectInfo:
-        """Upload a file (multipart above one part) with its content type.
+        """Upload a file (multipart above one part) with its content type (by `content_key`,
+        default `key`) and the service's metadata (`job_id`, `attempt`).
 
         `cancel` aborts between parts (CancelledError; no object is left); `on_bytes(done,
         total)` follows the bytes handed to the upload."""
         size = source.stat().st_size
+        metadata = {WRITTEN_BY_METADATA: job_id or "yes"}
+        if attempt:
+            metadata[ATTEMPT_METADATA] = attempt
         part_bytes = max(PART_BYTES, -(-size // MAX_PARTS))
         with self._errors("upload", bucket, key), source.open("rb") as file:
             self.client.put_object(
@@ -219,12 +234,43 @@ class Storage:
                 key,
                 _CancellableReader(file, size, cancel, on_bytes),  # type: ignore[arg-type]
                 size,
-                content_type=content_type(key),
-                metadata={WRITTEN_BY_METADATA: job_id or "yes"},
+                content_type=content_type(content_key or key),
+                metadata=metadata,  # type: ignore[arg-type]
                 part_size=part_bytes,
                 num_parallel_uploads=PARALLEL_PARTS,
             )
         return ObjectInfo(key=key, size=size)
+
+    def copy(self, bucket: str, source_key: str, key: str, *, job_id: str, attempt: str) -> None:
+        """Server-side copy of `source_key` to `key` in `bucket`, with the content type of
+        `key` and the service's metadata. A source above 5 GiB is copied part by part
+        (minio's compose_object, still server-side)."""
+        metadata = {
+            "Content-Type": content_type(key),
+            WRITTEN_BY_METADATA: job_id or "yes",
+            ATTEMPT_METADATA: attempt,
+        }
+        with self._errors("copy", bucket, key):
+            self.client.copy_object(
+                bucket,
+                key,
+                CopySource(bucket, source_key),
+                metadata=metadata,  # type: ignore[arg-type]
+                metadata_directive=REPLACE,
+            )
+
+    def written_by(self, bucket: str, key: str) -> tuple[str, str] | None:
+        """(job id, attempt) from an object's service metadata; None if it has none or is gone."""
+        try:
+            with self._errors("stat", bucket, key):
+                found = self.client.stat_object(bucket, key)
+        except ObjectNotFoundError:
+            return None
+        metadata = {str(name).lower(): value for name, value in (found.metadata or {}).items()}
+        job_id = metadata.get(f"x-amz-meta-{WRITTEN_BY_METADATA}")
+        if job_id is None:
+            return None
+        return str(job_id), str(metadata.get(f"x-amz-meta-{ATTEMPT_METADATA}", ""))
 
     def list_objects(self, bucket: str, prefix: str) -> list[ObjectInfo]:
         """Every object under `prefix` (recursive)."""
@@ -240,8 +286,23 @@ class Storage:
             with self._errors("remove", bucket, key):
                 self.client.remove_object(bucket, key)
 
+    def remove_many(self, bucket: str, object_keys: list[str]) -> None:
+        """Remove objects in batched DeleteObjects requests; a missing object is not an error."""
+        if not object_keys:
+            return
+        with self._errors("remove", bucket, object_keys[0]):
+            errors = list(
+                self.client.remove_objects(bucket, (DeleteObject(key) for key in object_keys))
+            )
+        failed = [error for error in errors if error.code not in _NOT_FOUND_CODES]
+        if failed:
+            raise StorageError(
+                f"remove s3://{bucket}/{failed[0].name}: {failed[0].code} "
+                f"({len(failed)} object(s) not removed)"
+            )
+
     def remove_prefix(self, bucket: str, prefix: str) -> int:
         """Remove every object under `prefix`; returns how many were removed."""
         found = self.list_objects(bucket, prefix)
-        self.remove(bucket, [item.key for item in found])
+        self.remove_many(bucket, [item.key for item in found])
         return len(found)

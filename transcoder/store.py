@@ -10,6 +10,7 @@ can never both start, or both finish, one job; a finish of an attempt that lost 
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable
@@ -47,7 +48,36 @@ if tonumber(ARGV[4]) > 0 then
   redis.call('expire', KEYS[1], ARGV[4])
   redis.call('expire', KEYS[4], ARGV[4])
 end
+if ARGV[5] ~= '' then
+  redis.call('hset', KEYS[6], 'envelope', ARGV[6])
+  redis.call('expire', KEYS[6], ARGV[4])
+  redis.call('zadd', KEYS[5], ARGV[2], ARGV[5])
+end
 return 1
+"""
+# take an outbox entry that is due (score <= now): it is ours until now + window
+_CLAIM_LUA = """
+local due = redis.call('zscore', KEYS[1], ARGV[1])
+if not due or tonumber(due) > tonumber(ARGV[2]) then return 0 end
+if redis.call('exists', KEYS[2]) == 0 then
+  redis.call('zrem', KEYS[1], ARGV[1])
+  return 0
+end
+redis.call('zadd', KEYS[1], ARGV[3], ARGV[1])
+redis.call('hset', KEYS[2], 'claim', ARGV[4])
+return 1
+"""
+# give a claimed entry back, due again at ARGV[3] (only while the claim is still ours)
+_RESCHEDULE_LUA = """
+if redis.call('hget', KEYS[2], 'claim') ~= ARGV[2] then return 0 end
+redis.call('hdel', KEYS[2], 'claim')
+redis.call('zadd', KEYS[1], 'XX', ARGV[3], ARGV[1])
+return 1
+"""
+# count one more attempt to one destination, unless the entry is gone (done elsewhere)
+_COUNT_ATTEMPT_LUA = """
+if redis.call('exists', KEYS[1]) == 0 then return -1 end
+return redis.call('hincrby', KEYS[1], ARGV[1], 1)
 """
 # renew only our own lease: a lease taken over by another attempt must not be extended
 _RENEW_LUA = """
@@ -116,6 +146,9 @@ class JobStore:
         self.settings = settings
         self._create = client.register_script(_CREATE_LUA)
         self._renew = client.register_script(_RENEW_LUA)
+        self._claim = client.register_script(_CLAIM_LUA)
+        self._reschedule = client.register_script(_RESCHEDULE_LUA)
+        self._count_attempt = client.register_script(_COUNT_ATTEMPT_LUA)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> JobStore:
@@ -188,14 +221,18 @@ class JobStore:
         """Store a new record unless its id exists (atomic dedup); returns (record, created)."""
         created_ms = to_ms(record.created_at)
         retention = self.settings.record_retention_s if record.state in FINISHED_STATES else 0
+        outbox = self._outbox_entry(record) if record.state in FINISHED_STATES else None
+        delivery_id, body = outbox or ("", "")
         created = self._create(
             keys=[
                 keys.job(record.id),
                 keys.JOBS_BY_CREATED,
                 keys.state_index(record.state),
                 keys.job_meta(record.id),
+                keys.DELIVERIES_PENDING,
+                keys.delivery(delivery_id),
             ],
-            args=[record.model_dump_json(), created_ms, record.id, retention],
+            args=[record.model_dump_json(), created_ms, record.id, retention, delivery_id, body],
         )
         if created:
             return record, True
@@ -226,6 +263,9 @@ class JobStore:
                 if new.state in FINISHED_STATES:
                     for key in keys.job_keys(job_id):
                         pipe.expire(key, self.settings.record_retention_s)
+                    if old.state not in FINISHED_STATES:
+                        # the outbox: the delivery is owed in the same transaction as the end
+                        self._write_outbox(pipe, new)
                 else:
                     pipe.persist(job_key)
                     pipe.persist(meta_key)
@@ -245,6 +285,82 @@ class JobStore:
             return change.result
 
         return self.client.transaction(run, job_key, meta_key, lease_key, value_from_callable=True)
+
+    # --- the delivery outbox ------------------------------------------------------------
+    def _outbox_entry(self, record: JobRecord) -> tuple[str, str] | None:
+        """(delivery id, envelope JSON) owed for a finished record; None without destinations."""
+        from transcoder.destinations import condition_of, destination_uris, envelope
+
+        condition = condition_of(record)
+        if not destination_uris(record, condition, self.settings):
+            return None
+        finished_ms = to_ms(record.finished_at or record.created_at)
+        delivery_id = keys.delivery_id(record.id, record.attempts, condition, finished_ms)
+        return delivery_id, json.dumps(envelope(record, condition))
+
+    def _write_outbox(self, pipe: Any, record: JobRecord) -> None:
+        entry = self._outbox_entry(record)
+        if entry is None:
+            return
+        delivery_id, body = entry
+        pipe.hset(keys.delivery(delivery_id), "envelope", body)
+        pipe.expire(keys.delivery(delivery_id), self.settings.record_retention_s)
+        pipe.zadd(keys.DELIVERIES_PENDING, {delivery_id: int(time.time() * 1000)})
+
+    def due_deliveries(self, limit: int) -> list[str]:
+        """Ids of outbox entries that are due (never sent, failed and due again, or claimed
+        by a sender that did not finish within its window), oldest first."""
+        if limit < 1:
+            return []
+        now_ms = int(time.time() * 1000)
+        found = self.client.zrangebyscore(keys.DELIVERIES_PENDING, "-inf", now_ms, 0, limit)
+        return list(found)  # type: ignore[arg-type]
+
+    def claim_delivery(self, delivery_id: str, window_s: float) -> str | None:
+        """Take a due outbox entry for `window_s` (a claim token), or None if it is not due
+        (another sender holds it) or gone."""
+        token = uuid.uuid4().hex
+        now_ms = int(time.time() * 1000)
+        claimed = self._claim(
+            keys=[keys.DELIVERIES_PENDING, keys.delivery(delivery_id)],
+            args=[delivery_id, now_ms, now_ms + int(window_s * 1000), token],
+        )
+        return token if claimed else None
+
+    def delivery_state(self, delivery_id: str) -> dict[str, str]:
+        return self.client.hgetall(keys.delivery(delivery_id))  # type: ignore[return-value]
+
+    def count_delivery_attempt(self, delivery_id: str, destination: str) -> int:
+        """Number of this attempt to `destination` (1, 2, ...); -1 when the entry is gone."""
+        found = self._count_attempt(
+            keys=[keys.delivery(delivery_id)], args=[f"attempts:{destination}"]
+        )
+        return int(found)  # type: ignore[arg-type]
+
+    def mark_destination_done(self, delivery_id: str, destination: str, outcome: str) -> None:
+        """`destination` needs no more attempts for this entry (delivered or given up)."""
+        key = keys.delivery(delivery_id)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(key, f"done:{destination}", outcome)
+        pipe.expire(key, self.settings.record_retention_s)
+        pipe.execute()
+
+    def reschedule_delivery(self, delivery_id: str, token: str, delay_s: float) -> bool:
+        """Release our claim; a reaper sends the entry again in `delay_s`."""
+        due_ms = int((time.time() + delay_s) * 1000)
+        return bool(
+            self._reschedule(
+                keys=[keys.DELIVERIES_PENDING, keys.delivery(delivery_id)],
+                args=[delivery_id, token, due_ms],
+            )
+        )
+
+    def complete_delivery(self, delivery_id: str) -> None:
+        """Every destination of the entry is done: it leaves the outbox."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.zrem(keys.DELIVERIES_PENDING, delivery_id)
+        pipe.delete(keys.delivery(delivery_id))
+        pipe.execute()
 
     # --- attempts -----------------------------------------------------------------------
     def start(self, job_id: str, token: str, worker: str, *, task_id: str = "") -> StartOutcome:

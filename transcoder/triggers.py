@@ -34,6 +34,7 @@ from transcoder.models import (
     validate_bucket_name,
     validate_output_dir,
 )
+from transcoder.storage import UPLOAD_TEMP_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -321,6 +322,9 @@ def plan_jobs(event: ObjectEvent, rules: list[TriggerRule]) -> Decision:
     if not matching:
         return Decision(event, ignored="no rule matches")
     if event.written_by_service():
+        return Decision(event, ignored="object was written by the service")
+    if UPLOAD_TEMP_DIR in event.key.split("/"):
+        # an attempt's upload before it is copied into place (gone soon, or never complete)
         return Decision(event, ignored="object was written by the service")
     if is_service_output_key(event.bucket, event.key, rules):
         return Decision(event, ignored="key lies under an output directory of a rule")
