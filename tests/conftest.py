@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -98,9 +99,9 @@ def make_media(ffmpeg_available: None, tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    """The machine's Redis, on the tests' own database, flushed before and after."""
+@contextmanager
+def clean_redis_database() -> Iterator[str]:
+    """The machine's Redis on the tests' own database, flushed before and after."""
     import redis
 
     url = os.environ.get("TRANSCODER_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{TEST_REDIS_DB}")
@@ -113,6 +114,13 @@ def redis_url() -> Iterator[str]:
     yield url
     client.flushdb()
     client.close()
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """The machine's Redis, on the tests' own database, flushed before and after."""
+    with clean_redis_database() as url:
+        yield url
 
 
 class S3Server:
@@ -160,10 +168,19 @@ def start_moto(port: int | None = None) -> S3Server:
     return S3Server(port, process)
 
 
+@contextmanager
+def running_moto() -> Iterator[S3Server]:
+    """A moto_server of its own for the block, stopped after it."""
+    server = start_moto()
+    try:
+        yield server
+    finally:
+        server.process.terminate()
+        server.process.wait(10)
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     """One moto_server for the session; tests use their own buckets."""
-    server = start_moto()
-    yield server
-    server.process.terminate()
-    server.process.wait(10)
+    with running_moto() as server:
+        yield server

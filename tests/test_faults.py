@@ -25,7 +25,14 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import S3Server, free_port, generate_media, missing_service, start_moto, wait_for
+from conftest import (
+    S3Server,
+    free_port,
+    generate_media,
+    missing_service,
+    running_moto,
+    wait_for,
+)
 from workers import FAST_ENV, Worker, ffmpeg_processes
 
 from transcoder import keys, service
@@ -240,10 +247,8 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 @pytest.fixture(scope="module")
 def moto(ffmpeg_available: None) -> Iterator[S3Server]:
-    server = start_moto()
-    yield server
-    server.process.terminate()
-    server.process.wait(10)
+    with running_moto() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

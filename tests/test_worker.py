@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from conftest import (
-    TEST_REDIS_DB,
+    clean_redis_database,
     free_port,
     generate_media,
-    missing_service,
+    running_moto,
     start_moto,
     wait_for,
 )
@@ -44,25 +43,15 @@ SUCCESS_LIST = "test:success"
 @pytest.fixture(scope="module")
 def redis_db() -> Iterator[str]:
     """The tests' Redis database for the whole module (workers keep their broker state)."""
-    url = os.environ.get("TRANSCODER_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{TEST_REDIS_DB}")
-    client = redis.Redis.from_url(url)
-    try:
-        client.ping()
-    except redis.exceptions.ConnectionError:
-        missing_service(f"no Redis answers at {url}")
-    client.flushdb()
-    yield url
-    client.flushdb()
-    client.close()
+    with clean_redis_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def moto(ffmpeg_available: None) -> Iterator[object]:
     """Our own moto_server (the outage test stops and restarts it on its port)."""
-    server = start_moto()
-    yield server
-    server.process.terminate()
-    server.process.wait(10)
+    with running_moto() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
