@@ -33,7 +33,7 @@ from conftest import (
     running_moto,
     wait_for,
 )
-from workers import FAST_ENV, Worker, ffmpeg_processes
+from workers import FAST_ENV, Worker, ffmpeg_processes, worker_pool
 
 from transcoder import keys, service
 from transcoder.errors import JobNotFoundError
@@ -299,14 +299,8 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def workers(env: dict[str, str], logs: Path) -> Iterator[list[Worker]]:
     """Two workers for the module; a test that kills one starts its replacement."""
-    pool = [Worker(name, env, logs) for name in ("w1", "w2")]
-    for worker in pool:
-        worker.start()
-    for worker in pool:
-        worker.wait_ready()
-    yield pool
-    for worker in pool:
-        worker.stop()
+    with worker_pool(("w1", "w2"), env, logs) as pool:
+        yield pool
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from conftest import (
+    SAMPLE,
     clean_redis_database,
     free_port,
     generate_media,
@@ -22,7 +23,7 @@ from conftest import (
     start_moto,
     wait_for,
 )
-from workers import FAST_ENV, Worker, ffmpeg_processes, sample_source
+from workers import FAST_ENV, Worker, ffmpeg_processes, worker_pool
 
 from transcoder import keys, service
 from transcoder.errors import (
@@ -75,14 +76,8 @@ def settings(env: dict[str, str]) -> Settings:
 @pytest.fixture(scope="module")
 def workers(env: dict[str, str], tmp_path_factory) -> Iterator[list[Worker]]:  # type: ignore[no-untyped-def]
     logs = tmp_path_factory.mktemp("logs")
-    pool = [Worker(name, env, logs, concurrency=2) for name in ("alpha", "beta")]
-    for worker in pool:
-        worker.start()
-    for worker in pool:
-        worker.wait_ready()
-    yield pool
-    for worker in pool:
-        worker.stop()
+    with worker_pool(("alpha", "beta"), env, logs, concurrency=2) as pool:
+        yield pool
 
 
 @pytest.fixture(scope="module")
@@ -179,10 +174,10 @@ def decodes(s3, bucket: str, key: str, tmp_path: Path) -> bool:  # type: ignore[
 
 def test_storage_wrapper_maps_errors_and_streams(settings, s3, media, tmp_path) -> None:  # type: ignore[no-untyped-def]
     storage = Storage(settings)
-    upload(s3, "store-bucket", "dir/a b+%.mp4", sample_source(media))
+    upload(s3, "store-bucket", "dir/a b+%.mp4", SAMPLE)
     target = tmp_path / "copy.mp4"
     info = storage.download("store-bucket", "dir/a b+%.mp4", target)
-    assert info.size == target.stat().st_size == sample_source(media).stat().st_size
+    assert info.size == target.stat().st_size == SAMPLE.stat().st_size
     storage.upload("store-bucket", "out/x.m3u8", target, job_id="j1")
     stat = s3.stat_object("store-bucket", "out/x.m3u8")
     assert stat.content_type == "application/vnd.apple.mpegurl"
@@ -235,7 +230,7 @@ def test_storage_wrapper_maps_errors_and_streams(settings, s3, media, tmp_path) 
 
 
 def test_seed_invocations_each_succeed_once(workers, settings, s3, media, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    upload(s3, "my-bucket", "480P.mp4", sample_source(media))
+    upload(s3, "my-bucket", "480P.mp4", SAMPLE)
     task_events = TaskEvents(settings).start()
     formats = ["mov", "mov", "flv", "avi", "m3u8"]
     ids = [f"my{n}-480P-mp4" for n in range(1, 6)]
@@ -296,7 +291,7 @@ def test_seed_invocations_each_succeed_once(workers, settings, s3, media, tmp_pa
 
 
 def test_plain_celery_delay_and_invalid_request(workers, settings, s3, media) -> None:  # type: ignore[no-untyped-def]
-    upload(s3, "plain-bucket", "in/clip one.mp4", sample_source(media))
+    upload(s3, "plain-bucket", "in/clip one.mp4", SAMPLE)
     app = service.celery_app(settings)
     good_task = app.send_task(
         "transcoder.transcode",
@@ -456,7 +451,7 @@ def test_retry_after_missing_object(workers, settings, s3, media) -> None:  # ty
     assert record.state == JobState.FAILED and record.error is not None
     assert record.error.type == "ObjectNotFound"
     assert record.attempts == 1  # permanent: not retried
-    upload(s3, "retry-bucket", "later.mp4", sample_source(media))
+    upload(s3, "retry-bucket", "later.mp4", SAMPLE)
     assert service.retry_job(job_id, settings=settings).state == JobState.QUEUED
     record = finished(settings, job_id)
     assert record.state == JobState.SUCCEEDED and record.attempts == 2
@@ -485,7 +480,7 @@ def test_job_longer_than_visibility_timeout_runs_once(workers, settings, s3, med
 
 
 def test_killed_worker_job_finishes_on_another(workers, settings, s3, media) -> None:  # type: ignore[no-untyped-def]
-    upload(s3, "kill-bucket", "480P.mp4", sample_source(media))
+    upload(s3, "kill-bucket", "480P.mp4", SAMPLE)
     job_id = service.submit(
         {
             "bucket": "kill-bucket",
@@ -538,7 +533,7 @@ def test_storage_outage_is_retried(workers, settings, moto, media) -> None:  # t
     )
     restarted = start_moto(moto.port)  # same port; moto keeps nothing: put the source back
     moto.process = restarted.process
-    upload(restarted.client(), "outage-bucket", "480P.mp4", sample_source(media))
+    upload(restarted.client(), "outage-bucket", "480P.mp4", SAMPLE)
     record = finished(settings, job_id, 60)
     assert record.state == JobState.SUCCEEDED, record.error
     assert record.attempts >= 2
@@ -554,7 +549,7 @@ def test_storage_outage_is_retried(workers, settings, moto, media) -> None:  # t
 
 
 def test_cli_submit_wait_and_status(workers, env, settings, s3, media) -> None:  # type: ignore[no-untyped-def]
-    upload(s3, "cli-bucket", "480P.mp4", sample_source(media))
+    upload(s3, "cli-bucket", "480P.mp4", SAMPLE)
     cli = [sys.executable, "-c", "from transcoder.cli import main; main()"]
     cli_env = {**os.environ, **env}
     request = {"bucket": "cli-bucket", "object": "480P.mp4", "output_dir": "c", "dst_format": "flv"}

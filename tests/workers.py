@@ -6,10 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from conftest import ROOT, SAMPLE, generate_media, wait_for
+from conftest import ROOT, wait_for
 
 #: a worker's settings lowered so leases, reaping and redelivery happen within seconds
 FAST_ENV = {
@@ -142,20 +144,18 @@ def _comm(pid: int) -> str:
         return ""
 
 
-def sample_source(cache_dir: Path) -> Path:
-    """The seed's 480P.mp4, or (when the repo has none) a generated 480p h264/aac clip."""
-    if SAMPLE.exists():
-        return SAMPLE
-    path = cache_dir / "480P.mp4"
-    if not path.exists():
-        generate_media(path, duration_s=4, size="854x480", rate=25)
-    return path
-
-
-def wait_until(condition, timeout_s: float, what: str):  # type: ignore[no-untyped-def]
-    """wait_for with a slower poll (Redis reads)."""
-    return wait_for(condition, timeout_s, what, interval_s=0.1)
-
-
-def elapsed_since(start: float) -> float:
-    return time.monotonic() - start
+@contextmanager
+def worker_pool(
+    names: Iterable[str], env: dict[str, str], log_dir: Path, **options: Any
+) -> Iterator[list[Worker]]:
+    """Started, ready workers for the block; all stopped after it."""
+    pool = [Worker(name, env, log_dir, **options) for name in names]
+    try:
+        for worker in pool:
+            worker.start()
+        for worker in pool:
+            worker.wait_ready()
+        yield pool
+    finally:
+        for worker in pool:
+            worker.stop()
